@@ -1,0 +1,19 @@
+// keel's subcommands: each registers its options on the CLI11 app and runs when chosen.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace keel::cli {
+
+// Adds a subcommand to `app`; the returned function runs it (exit code) after parsing.
+using Runner = std::function<int()>;
+Runner add_train(CLI::App& app);
+Runner add_eval(CLI::App& app);
+Runner add_doctor(CLI::App& app);
+Runner add_config(CLI::App& app);
+
+// Entry point shared by main() and tests: parses argv, runs the chosen subcommand, turns
+// exceptions into "error: ..." on stderr and a non-zero exit code.
+int main_entry(int argc, char** argv);
+
+}  // namespace keel::cli

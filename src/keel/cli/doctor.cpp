@@ -1,0 +1,152 @@
+// `keel doctor`: measures and reports the facts that decide training speed on this machine.
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "keel/cli/commands.h"
+#include "keel/compat/torch_compat.h"
+#include "keel/config/config.h"
+#include "keel/train/trainer.h"
+
+namespace keel::cli {
+namespace {
+
+// Median GFLOP/s of an n x n x n matmul in `dtype`.
+double gemm_gflops(int64_t n, at::ScalarType dtype, int reps = 7) {
+  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
+  at::Tensor c = at::mm(a, b);  // warm-up (thread pool, packing buffers)
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    c = at::mm(a, b);
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return 2.0 * n * n * n / t[t.size() / 2] / 1e9;
+}
+
+// The BLAS shared object actually mapped into this process (resolves Debian's alternatives).
+std::string loaded_blas() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto p = line.find('/');
+    if (p == std::string::npos) continue;
+    std::string path = line.substr(p);
+    std::string file = std::filesystem::path(path).filename().string();
+    if (file.rfind("libblas", 0) == 0 || file.rfind("libopenblas", 0) == 0 || file.rfind("libmkl", 0) == 0) {
+      std::error_code ec;
+      auto real = std::filesystem::canonical(path, ec);
+      return ec ? path : real.string();
+    }
+  }
+  return "";
+}
+
+bool cpu_flag(const std::string& flag) {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("flags", 0) == 0) return (" " + line + " ").find(" " + flag + " ") != std::string::npos;
+  }
+  return false;
+}
+
+}  // namespace
+
+Runner add_doctor(CLI::App& app) {
+  auto* sub = app.add_subcommand("doctor", "report threads, BLAS speed, oneDNN, bf16, CUDA and data on this machine");
+  auto json = std::make_shared<bool>(false);
+  auto config_path = std::make_shared<std::string>();
+  sub->add_flag("--json", *json, "also print the report as one JSON object on the last line");
+  sub->add_option("--config", *config_path, "config whose run.threads and data.root to check (default: defaults)");
+  return [json, config_path] {
+    const config::Config cfg = config::load(*config_path);
+    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int default_threads = at::get_num_threads();
+    const int threads = train::configure_threads(cfg.run.threads);
+    nlohmann::json r;
+    std::vector<std::string> advice;
+
+    fmt::print("LibTorch        {}\n", compat::torch_version());
+    fmt::print("threads         {} intra-op of {} cores (LibTorch default here: {}){}\n", threads, cores,
+               default_threads, default_threads < cores ? "; keel sets all cores (run.threads = 0)" : "");
+    r["torch_version"] = compat::torch_version();
+    r["cores"] = cores;
+    r["threads_default"] = default_threads;
+    r["threads"] = threads;
+
+    const std::string blas = loaded_blas();
+    const double fp32 = gemm_gflops(1024, at::kFloat);
+    // An optimised BLAS reaches tens of GFLOP/s per AVX2 core; the reference BLAS ~2-4.
+    const bool optimized = fp32 > 15.0 * threads;
+    fmt::print("fp32 GEMM       {:.1f} GFLOP/s (1024^3 matmul, median of 7) via {}: {}\n", fp32,
+               blas.empty() ? "LibTorch's built-in BLAS" : blas,
+               optimized ? "optimised BLAS" : "SLOW: looks like the reference BLAS");
+    if (!optimized) {
+      advice.push_back(
+          "fp32 matmul runs through the reference BLAS: `apt-get install libopenblas0-openmp` (scripts/setup.sh "
+          "does) or `update-alternatives --config libblas.so.3-x86_64-linux-gnu` to pick OpenBLAS");
+    }
+    r["blas"] = blas;
+    r["fp32_gemm_gflops"] = fp32;
+    r["blas_optimized"] = optimized;
+
+    const bool onednn = at::hasMKLDNN();
+    fmt::print("oneDNN          {}\n", onednn ? "available (convolutions, channels_last)" : "not available");
+    r["onednn"] = onednn;
+
+    const bool avx512_bf16 = cpu_flag("avx512_bf16"), amx = cpu_flag("amx_bf16");
+    double bf16 = 0;
+    try {
+      bf16 = gemm_gflops(1024, at::kBFloat16);
+    } catch (const std::exception&) {
+    }
+    fmt::print("bf16            CPU {}{}; bf16 GEMM {:.1f} GFLOP/s ({:.2f}x fp32)\n",
+               avx512_bf16 ? "has avx512_bf16" : "has no avx512_bf16", amx ? " and AMX" : "", bf16,
+               fp32 > 0 ? bf16 / fp32 : 0.0);
+    r["cpu_avx512_bf16"] = avx512_bf16;
+    r["cpu_amx_bf16"] = amx;
+    r["bf16_gemm_gflops"] = bf16;
+
+    const bool cuda = torch::cuda::is_available();
+    fmt::print("CUDA            {}\n", cuda ? fmt::format("{} device(s)", torch::cuda::device_count())
+                                            : "not available (this LibTorch build or machine has no GPU)");
+    r["cuda"] = cuda;
+    r["cuda_devices"] = cuda ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
+
+    std::string data_status;
+    bool data_ok = false;
+    try {
+      auto ds = train::make_dataset(cfg, true);
+      auto ts = train::make_dataset(cfg, false);
+      data_ok = true;
+      data_status = fmt::format("{} at {}: {} train / {} test images", cfg.data.dataset, cfg.data.root,
+                                ds->size(), ts->size());
+    } catch (const std::exception& e) {
+      data_status = fmt::format("MISSING or unreadable: {}", e.what());
+      advice.push_back("install the default data: `apt-get install dataset-fashion-mnist` (scripts/setup.sh does)");
+    }
+    fmt::print("default data    {}\n", data_status);
+    r["data_ok"] = data_ok;
+    r["data"] = data_status;
+
+    for (const auto& a : advice) fmt::print("advice: {}\n", a);
+    r["advice"] = advice;
+    std::fflush(stdout);
+    if (*json) std::cout << r.dump() << std::endl;
+    return 0;
+  };
+}
+
+}  // namespace keel::cli

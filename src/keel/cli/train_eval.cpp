@@ -1,0 +1,89 @@
+// `keel train` and `keel eval`.
+#include <fmt/format.h>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "keel/cli/commands.h"
+#include "keel/config/config.h"
+#include "keel/data/loader.h"
+#include "keel/models/state_dict.h"
+#include "keel/train/trainer.h"
+
+namespace keel::cli {
+namespace {
+
+struct CommonArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  bool json = false;
+};
+
+void add_common(CLI::App* sub, CommonArgs& a) {
+  sub->add_option("config", a.config, "TOML config file (e.g. configs/default.toml)")->required();
+  sub->add_option("--set", a.sets, "override a key: --set section.key=value (repeatable)");
+  sub->add_flag("--json", a.json, "also print the final summary as one JSON object on the last line");
+}
+
+}  // namespace
+
+Runner add_train(CLI::App& app) {
+  auto args = std::make_shared<CommonArgs>();
+  auto* sub = app.add_subcommand("train", "train a model from a config; writes runs/<name>/");
+  add_common(sub, *args);
+  return [args] {
+    config::Config cfg = config::load(args->config, args->sets);
+    train::Trainer trainer(cfg);
+    train::FitResult r = trainer.fit();
+    fmt::print("keel: test accuracy {:.2f}% (top-5 {:.2f}%), test loss {:.4f}, {} steps in {:.1f}s "
+               "({:.0f} images/s, {:.0f}% waiting for data), wall {:.1f}s\n",
+               100 * r.test.top1, 100 * r.test.top5, r.test.loss, r.steps, r.train_seconds,
+               r.images_per_second, 100 * r.data_wait_share, r.wall_seconds);
+    if (!r.checkpoint.empty()) fmt::print("keel: checkpoint {}\n", r.checkpoint);
+    if (args->json) std::cout << r.to_json().dump() << std::endl;
+    return 0;
+  };
+}
+
+Runner add_eval(CLI::App& app) {
+  auto args = std::make_shared<CommonArgs>();
+  auto checkpoint = std::make_shared<std::string>();
+  auto* sub = app.add_subcommand("eval", "evaluate a checkpoint on the config's test split");
+  add_common(sub, *args);
+  sub->add_option("--checkpoint", *checkpoint, "weights file (runs/<name>/checkpoints/final.pt)")->required();
+  return [args, checkpoint] {
+    config::Config cfg = config::load(args->config, args->sets);
+    const int threads = train::configure_threads(cfg.run.threads);
+    auto ds = train::make_dataset(cfg, false);
+    cfg.model.weights = *checkpoint;
+    auto model = train::make_model(cfg);
+    if (cfg.train.channels_last) train::model_to_channels_last(*model);
+    data::Loader loader(ds, train::loader_options(cfg, false));
+    data::DeviceAugment aug(train::augment_options(cfg), 0);
+    train::EvalResult r = train::evaluate(*model, loader, aug, cfg.train.channels_last, cfg.train.precision);
+    fmt::print("keel: {} on {} test images ({} threads): top-1 {:.2f}%, top-5 {:.2f}%, loss {:.4f}, {:.1f}s\n",
+               cfg.model.name, r.samples, threads, 100 * r.top1, 100 * r.top5, r.loss, r.seconds);
+    if (args->json) {
+      nlohmann::json j = r.to_json();
+      j["images_per_second"] = r.seconds > 0 ? r.samples / r.seconds : 0.0;
+      j["checkpoint"] = *checkpoint;
+      std::cout << j.dump() << std::endl;
+    }
+    return 0;
+  };
+}
+
+Runner add_config(CLI::App& app) {
+  auto* sub = app.add_subcommand("config", "print the configuration reference or a resolved config");
+  auto reference = std::make_shared<bool>(false);
+  auto args = std::make_shared<CommonArgs>();
+  sub->add_flag("--reference", *reference, "print docs/configuration.md (every key, type, default)");
+  sub->add_option("config", args->config, "config file to resolve and print as TOML");
+  sub->add_option("--set", args->sets, "override a key: --set section.key=value (repeatable)");
+  return [reference, args] {
+    if (*reference) std::cout << config::reference_markdown();
+    else std::cout << config::to_toml(config::load(args->config, args->sets));
+    return 0;
+  };
+}
+
+}  // namespace keel::cli

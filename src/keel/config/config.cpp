@@ -1,0 +1,451 @@
+// Config schema (the one place every key is declared), TOML parsing, overrides, validation, output.
+#include "keel/config/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <variant>
+
+#include <toml++/toml.h>
+
+namespace keel::config {
+namespace {
+
+using Value = std::variant<int64_t, double, bool, std::string, std::vector<double>>;
+
+// One configuration key: how to read, check, write and document it.
+struct Field {
+  std::string key;   // "section.name"
+  std::string type;  // "integer" | "float" | "boolean" | "string" | "float array"
+  std::string doc;
+  std::string range;  // human-readable constraint, e.g. ">= 1", "sgd | adamw"
+  std::function<Value(const Config&)> get;
+  std::function<void(Config&, const Value&)> set;
+  std::function<std::string(const Value&)> check;  // empty string = ok, else what was expected
+};
+
+std::string fmt_double(double v) {
+  std::ostringstream os;
+  os.precision(10);
+  os << v;
+  std::string s = os.str();
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+  return s;
+}
+
+std::string to_text(const Value& v) {
+  struct V {
+    std::string operator()(int64_t i) const { return std::to_string(i); }
+    std::string operator()(double d) const { return fmt_double(d); }
+    std::string operator()(bool b) const { return b ? "true" : "false"; }
+    std::string operator()(const std::string& s) const {
+      std::ostringstream os;
+      os << toml::value<std::string>(s);
+      return os.str();
+    }
+    std::string operator()(const std::vector<double>& a) const {
+      std::string s = "[";
+      for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + fmt_double(a[i]);
+      return s + "]";
+    }
+  };
+  return std::visit(V{}, v);
+}
+
+template <class S, class T>
+Field make_field(std::string key, S Config::*sec, T S::*mem, std::string doc, std::string range,
+                 std::function<std::string(const T&)> check) {
+  Field f;
+  f.key = std::move(key);
+  if constexpr (std::is_same_v<T, int64_t>) f.type = "integer";
+  else if constexpr (std::is_same_v<T, double>) f.type = "float";
+  else if constexpr (std::is_same_v<T, bool>) f.type = "boolean";
+  else if constexpr (std::is_same_v<T, std::string>) f.type = "string";
+  else f.type = "float array";
+  f.doc = std::move(doc);
+  f.range = std::move(range);
+  f.get = [sec, mem](const Config& c) { return Value((c.*sec).*mem); };
+  f.set = [sec, mem](Config& c, const Value& v) { (c.*sec).*mem = std::get<T>(v); };
+  f.check = [check](const Value& v) { return check ? check(std::get<T>(v)) : std::string(); };
+  return f;
+}
+
+std::function<std::string(const int64_t&)> int_at_least(int64_t lo) {
+  return [lo](const int64_t& v) {
+    return v >= lo ? "" : "an integer >= " + std::to_string(lo);
+  };
+}
+std::function<std::string(const double&)> float_in(double lo, double hi) {
+  return [lo, hi](const double& v) {
+    return (std::isfinite(v) && v >= lo && v <= hi)
+               ? ""
+               : "a number in [" + fmt_double(lo) + ", " + fmt_double(hi) + "]";
+  };
+}
+std::function<std::string(const std::string&)> one_of(std::vector<std::string> choices) {
+  return [choices](const std::string& v) {
+    if (std::find(choices.begin(), choices.end(), v) != choices.end()) return std::string();
+    std::string s = "one of";
+    for (const auto& c : choices) s += " \"" + c + "\"";
+    return s;
+  };
+}
+std::string choices_text(const std::vector<std::string>& c) {
+  std::string s;
+  for (const auto& x : c) s += (s.empty() ? "" : " | ") + x;
+  return s;
+}
+
+const std::vector<Field>& schema() {
+  static const std::vector<Field> fields = [] {
+    using C = Config;
+    std::vector<Field> f;
+    const double kInf = std::numeric_limits<double>::max();
+    auto nonempty = [](const std::string& s) { return s.empty() ? "a non-empty string" : ""; };
+    // run
+    f.push_back(make_field<C::Run, std::string>("run.name", &C::run, &C::Run::name,
+        "Run directory name: outputs go to `<run.dir>/<run.name>/`.", "non-empty", nonempty));
+    f.push_back(make_field<C::Run, std::string>("run.dir", &C::run, &C::Run::dir,
+        "Parent directory of run directories.", "non-empty", nonempty));
+    f.push_back(make_field<C::Run, int64_t>("run.seed", &C::run, &C::Run::seed,
+        "Seed of model initialisation, sampler order and augmentation.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Run, int64_t>("run.threads", &C::run, &C::Run::threads,
+        "Intra-op threads; 0 uses every core (LibTorch alone may pick fewer).", ">= 0", int_at_least(0)));
+    // data
+    const std::vector<std::string> datasets = {"fashion-mnist", "mnist", "idx"};
+    f.push_back(make_field<C::Data, std::string>("data.dataset", &C::data, &C::Data::dataset,
+        "Dataset kind; `fashion-mnist`, `mnist` and `idx` read IDX files (gzipped or not) from `data.root`.",
+        choices_text(datasets), one_of(datasets)));
+    f.push_back(make_field<C::Data, std::string>("data.root", &C::data, &C::Data::root,
+        "Directory holding the dataset files.", "non-empty", nonempty));
+    f.push_back(make_field<C::Data, int64_t>("data.workers", &C::data, &C::Data::workers,
+        "Loader worker threads; -1 chooses from the cores (cores - 1, at least 1); 0 loads on the training thread.",
+        ">= -1", int_at_least(-1)));
+    f.push_back(make_field<C::Data, int64_t>("data.prefetch", &C::data, &C::Data::prefetch,
+        "Ready batches queued ahead of training.", ">= 1", int_at_least(1)));
+    auto stats_check = [](const std::vector<double>& v) -> std::string {
+      if (v.empty()) return "a non-empty array of numbers";
+      for (double x : v) if (!std::isfinite(x)) return "finite numbers";
+      return "";
+    };
+    f.push_back(make_field<C::Data, std::vector<double>>("data.mean", &C::data, &C::Data::mean,
+        "Per-channel mean of pixels scaled to [0, 1], subtracted before the model; one value or one per channel.",
+        "non-empty", stats_check));
+    f.push_back(make_field<C::Data, std::vector<double>>("data.std", &C::data, &C::Data::std,
+        "Per-channel standard deviation used for normalisation; one value or one per channel.",
+        "non-empty, > 0", [stats_check](const std::vector<double>& v) -> std::string {
+          std::string e = stats_check(v);
+          if (!e.empty()) return e;
+          for (double x : v) if (x <= 0) return "positive numbers";
+          return "";
+        }));
+    f.push_back(make_field<C::Data, int64_t>("data.train_limit", &C::data, &C::Data::train_limit,
+        "Use only the first N training samples (0 = all). For quick experiments.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Data, int64_t>("data.test_limit", &C::data, &C::Data::test_limit,
+        "Use only the first N test samples (0 = all).", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Data, bool>("data.random_flip", &C::data, &C::Data::random_flip,
+        "Random horizontal flip of training images (on the training device, per sample).", "", nullptr));
+    f.push_back(make_field<C::Data, int64_t>("data.random_crop_padding", &C::data, &C::Data::random_crop_padding,
+        "Pad training images by this many pixels and crop back at a random offset (0 = off).", ">= 0",
+        int_at_least(0)));
+    // model
+    f.push_back(make_field<C::Model, std::string>("model.name", &C::model, &C::Model::name,
+        "Registered model: resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50/101/152 (torchvision layout).",
+        "a registered name", nonempty));
+    f.push_back(make_field<C::Model, int64_t>("model.in_channels", &C::model, &C::Model::in_channels,
+        "Input image channels.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Model, int64_t>("model.num_classes", &C::model, &C::Model::num_classes,
+        "Output classes.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Model, std::string>("model.weights", &C::model, &C::Model::weights,
+        "Optional `torch.save(model.state_dict())` file (e.g. from torchvision) loaded by parameter name before training; every key and shape must match.",
+        "path or empty", nullptr));
+    // train
+    f.push_back(make_field<C::Train, int64_t>("train.epochs", &C::train, &C::Train::epochs,
+        "Passes over the training set.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Train, int64_t>("train.batch_size", &C::train, &C::Train::batch_size,
+        "Samples per optimizer step.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Train, int64_t>("train.eval_batch_size", &C::train, &C::Train::eval_batch_size,
+        "Samples per forward pass during evaluation.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Train, double>("train.label_smoothing", &C::train, &C::Train::label_smoothing,
+        "Cross-entropy label smoothing.", "[0, 1)", [](const double& v) {
+          return (v >= 0 && v < 1) ? "" : "a number in [0, 1)";
+        }));
+    f.push_back(make_field<C::Train, bool>("train.channels_last", &C::train, &C::Train::channels_last,
+        "Run convolutions in NHWC (channels-last) memory format; faster with oneDNN on CPU.", "", nullptr));
+    const std::vector<std::string> precisions = {"fp32", "bf16"};
+    f.push_back(make_field<C::Train, std::string>("train.precision", &C::train, &C::Train::precision,
+        "Compute precision of forward/backward: fp32, or bf16 autocast (weights stay fp32).",
+        choices_text(precisions), one_of(precisions)));
+    f.push_back(make_field<C::Train, int64_t>("train.log_every", &C::train, &C::Train::log_every,
+        "Optimizer steps between progress lines; the loss is read back from the device only then.", ">= 1",
+        int_at_least(1)));
+    f.push_back(make_field<C::Train, int64_t>("train.max_steps", &C::train, &C::Train::max_steps,
+        "Stop after this many optimizer steps (0 = run all epochs). The schedule spans the shorter of the two.",
+        ">= 0", int_at_least(0)));
+    // optim
+    const std::vector<std::string> optims = {"sgd", "adamw"};
+    f.push_back(make_field<C::Optim, std::string>("optim.name", &C::optim, &C::Optim::name,
+        "Optimizer.", choices_text(optims), one_of(optims)));
+    f.push_back(make_field<C::Optim, double>("optim.lr", &C::optim, &C::Optim::lr,
+        "Peak learning rate (the schedule scales it).", "(0, 100]", [](const double& v) {
+          return (v > 0 && v <= 100) ? "" : "a number in (0, 100]";
+        }));
+    f.push_back(make_field<C::Optim, double>("optim.momentum", &C::optim, &C::Optim::momentum,
+        "SGD momentum.", "[0, 1)", [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
+    f.push_back(make_field<C::Optim, bool>("optim.nesterov", &C::optim, &C::Optim::nesterov,
+        "SGD Nesterov momentum (needs momentum > 0).", "", nullptr));
+    f.push_back(make_field<C::Optim, double>("optim.weight_decay", &C::optim, &C::Optim::weight_decay,
+        "Weight decay (L2 for SGD, decoupled for AdamW); never applied to biases or normalisation weights.",
+        ">= 0", float_in(0, kInf)));
+    f.push_back(make_field<C::Optim, double>("optim.beta1", &C::optim, &C::Optim::beta1,
+        "AdamW first-moment decay.", "[0, 1)", [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
+    f.push_back(make_field<C::Optim, double>("optim.beta2", &C::optim, &C::Optim::beta2,
+        "AdamW second-moment decay.", "[0, 1)", [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
+    f.push_back(make_field<C::Optim, double>("optim.eps", &C::optim, &C::Optim::eps,
+        "AdamW denominator epsilon.", "> 0", [](const double& v) { return v > 0 ? "" : "a number > 0"; }));
+    // schedule
+    const std::vector<std::string> schedules = {"onecycle", "warmup_cosine", "constant"};
+    f.push_back(make_field<C::Schedule, std::string>("schedule.name", &C::schedule, &C::Schedule::name,
+        "Learning-rate schedule over all optimizer steps: `onecycle` (linear warm-up, cosine anneal, as "
+        "torch.optim.lr_scheduler.OneCycleLR with linear warm-up), `warmup_cosine` (linear warm-up then cosine), "
+        "`constant`.",
+        choices_text(schedules), one_of(schedules)));
+    f.push_back(make_field<C::Schedule, double>("schedule.warmup_fraction", &C::schedule,
+        &C::Schedule::warmup_fraction, "Share of all steps spent in linear warm-up.", "[0, 1)",
+        [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
+    f.push_back(make_field<C::Schedule, double>("schedule.start_factor", &C::schedule, &C::Schedule::start_factor,
+        "Learning rate at step 0 as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
+    f.push_back(make_field<C::Schedule, double>("schedule.final_factor", &C::schedule, &C::Schedule::final_factor,
+        "Learning rate at the last step as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
+    // checkpoint
+    f.push_back(make_field<C::Checkpoint, bool>("checkpoint.save_final", &C::checkpoint,
+        &C::Checkpoint::save_final,
+        "Write `checkpoints/final.pt` (weights) and `checkpoints/final.toml` (resolved config) atomically at the end.",
+        "", nullptr));
+    return f;
+  }();
+  return fields;
+}
+
+const Field* find_field(const std::string& key) {
+  for (const auto& f : schema()) if (f.key == key) return &f;
+  return nullptr;
+}
+
+// Edit distance, for "did you mean" hints.
+size_t distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string unknown_key_message(const std::string& key, const Origin& where) {
+  std::string best;
+  size_t best_d = 4;
+  for (const auto& f : schema()) {
+    size_t d = distance(key, f.key);
+    if (d < best_d) { best_d = d; best = f.key; }
+  }
+  std::string msg = where.str() + ": unknown key '" + key + "'";
+  if (!best.empty()) msg += " (did you mean '" + best + "'?)";
+  return msg + "; see docs/configuration.md for every key";
+}
+
+std::string toml_type_name(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::integer: return "integer";
+    case toml::node_type::floating_point: return "float";
+    case toml::node_type::boolean: return "boolean";
+    case toml::node_type::string: return "string";
+    case toml::node_type::array: return "array";
+    case toml::node_type::table: return "table";
+    default: return "date/time";
+  }
+}
+
+// Converts a TOML node to the field's type, or throws naming the key and where.
+Value convert(const Field& f, const toml::node& n, const Origin& where) {
+  auto wrong = [&](const std::string& got) {
+    return ConfigError(where.str() + ": key '" + f.key + "' expects " + f.type + ", got " + got);
+  };
+  if (f.type == "integer") {
+    if (auto v = n.as_integer()) return Value(v->get());
+    throw wrong(toml_type_name(n));
+  }
+  if (f.type == "float") {
+    if (auto v = n.as_floating_point()) return Value(v->get());
+    if (auto v = n.as_integer()) return Value(static_cast<double>(v->get()));
+    throw wrong(toml_type_name(n));
+  }
+  if (f.type == "boolean") {
+    if (auto v = n.as_boolean()) return Value(v->get());
+    throw wrong(toml_type_name(n));
+  }
+  if (f.type == "string") {
+    if (auto v = n.as_string()) return Value(v->get());
+    throw wrong(toml_type_name(n));
+  }
+  // float array: a single number is accepted as a one-element array
+  std::vector<double> out;
+  if (auto a = n.as_array()) {
+    for (const auto& e : *a) {
+      if (auto d = e.as_floating_point()) out.push_back(d->get());
+      else if (auto i = e.as_integer()) out.push_back(static_cast<double>(i->get()));
+      else throw wrong("array containing " + toml_type_name(e));
+    }
+    return Value(out);
+  }
+  if (auto d = n.as_floating_point()) return Value(std::vector<double>{d->get()});
+  if (auto i = n.as_integer()) return Value(std::vector<double>{static_cast<double>(i->get())});
+  throw wrong(toml_type_name(n));
+}
+
+void assign(Config& c, const Field& f, const toml::node& n, const Origin& where) {
+  Value v = convert(f, n, where);
+  std::string expected = f.check(v);
+  if (!expected.empty()) {
+    throw ConfigError(where.str() + ": key '" + f.key + "' = " + to_text(v) + " is out of range; expected " +
+                      expected);
+  }
+  f.set(c, v);
+}
+
+void apply_table(Config& c, const toml::table& t, const std::string& prefix, const std::string& file) {
+  for (const auto& [k, node] : t) {
+    const std::string key = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
+    Origin where{file, static_cast<int64_t>(node.source().begin.line), ""};
+    if (const auto* sub = node.as_table()) {
+      bool is_section = false;
+      for (const auto& f : schema()) is_section |= f.key.rfind(key + ".", 0) == 0;
+      if (!is_section) throw ConfigError(unknown_key_message(key, where));
+      apply_table(c, *sub, key, file);
+      continue;
+    }
+    const Field* f = find_field(key);
+    if (!f) throw ConfigError(unknown_key_message(key, where));
+    assign(c, *f, node, where);
+  }
+}
+
+void apply_override(Config& c, const std::string& arg) {
+  Origin where{"", 0, arg};
+  const auto eq = arg.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    throw ConfigError(where.str() + ": expected key=value, e.g. --set train.epochs=3");
+  }
+  const std::string key = arg.substr(0, eq), text = arg.substr(eq + 1);
+  const Field* f = find_field(key);
+  if (!f) throw ConfigError(unknown_key_message(key, where));
+  // Typed like the file: the value is parsed as a TOML value; a bare word is taken as a string
+  // only for string keys, so `--set model.name=resnet56` works and `--set train.epochs=x` fails.
+  toml::table parsed;
+  try {
+    parsed = toml::parse("v = " + text);
+  } catch (const toml::parse_error&) {
+    if (f->type != "string") {
+      throw ConfigError(where.str() + ": key '" + key + "' expects " + f->type + ", got '" + text + "'");
+    }
+    parsed = toml::table{{"v", text}};
+  }
+  assign(c, *f, *parsed.get("v"), where);
+}
+
+// Cross-key constraints, checked after every value is in place.
+void validate(const Config& c, const std::string& file) {
+  const std::string where = file.empty() ? "config" : file;
+  auto channels_ok = [&](const std::vector<double>& v, const char* key) {
+    if (v.size() != 1 && static_cast<int64_t>(v.size()) != c.model.in_channels) {
+      throw ConfigError(where + ": key '" + key + "' has " + std::to_string(v.size()) +
+                        " values; expected 1 or model.in_channels = " + std::to_string(c.model.in_channels));
+    }
+  };
+  channels_ok(c.data.mean, "data.mean");
+  channels_ok(c.data.std, "data.std");
+  if (c.optim.nesterov && c.optim.name == "sgd" && c.optim.momentum <= 0) {
+    throw ConfigError(where + ": key 'optim.nesterov' = true needs optim.momentum > 0 (got " +
+                      fmt_double(c.optim.momentum) + ")");
+  }
+}
+
+}  // namespace
+
+std::string Origin::str() const {
+  if (!set_arg.empty()) return "--set " + set_arg;
+  if (file.empty()) return "<defaults>";
+  return line > 0 ? file + ":" + std::to_string(line) : file;
+}
+
+Config parse(const std::string& toml_text, const std::string& name, const std::vector<std::string>& overrides) {
+  Config c;
+  toml::table t;
+  try {
+    t = toml::parse(toml_text, name);
+  } catch (const toml::parse_error& e) {
+    throw ConfigError(name + ":" + std::to_string(e.source().begin.line) + ": TOML syntax error: " +
+                      std::string(e.description()));
+  }
+  apply_table(c, t, "", name);
+  for (const auto& o : overrides) apply_override(c, o);
+  validate(c, name);
+  return c;
+}
+
+Config load(const std::string& path, const std::vector<std::string>& overrides) {
+  if (path.empty()) return parse("", "<defaults>", overrides);
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path + ": cannot open config file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse(ss.str(), path, overrides);
+}
+
+std::string to_toml(const Config& c) {
+  std::string out = "# keel resolved configuration: every key, defaults included\n";
+  std::string section;
+  for (const auto& f : schema()) {
+    const std::string sec = f.key.substr(0, f.key.find('.'));
+    if (sec != section) {
+      out += "\n[" + sec + "]\n";
+      section = sec;
+    }
+    out += f.key.substr(sec.size() + 1) + " = " + to_text(f.get(c)) + "\n";
+  }
+  return out;
+}
+
+std::string reference_markdown() {
+  const Config defaults;
+  std::string out =
+      "# keel configuration reference\n\n"
+      "Generated by `keel config --reference` from the schema in `src/keel/config/config.cpp`; a test keeps "
+      "this file in step with it.\n\n"
+      "A config file is TOML with the sections below. Any key can be overridden on the command line with "
+      "`--set section.key=value`; the value is parsed as TOML (`--set train.epochs=3`, "
+      "`--set data.mean=[0.5]`), and a bare word is accepted for string keys (`--set model.name=resnet56`).\n"
+      "An unknown key, a wrong type or an out-of-range value is an error naming the key and the file and line "
+      "(or the `--set` argument). The resolved configuration, every key included, is written to "
+      "`<run.dir>/<run.name>/config.resolved.toml`.\n";
+  std::string section;
+  for (const auto& f : schema()) {
+    const std::string sec = f.key.substr(0, f.key.find('.'));
+    if (sec != section) {
+      out += "\n## [" + sec + "]\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
+      section = sec;
+    }
+    std::string def = to_text(f.get(defaults));
+    out += "| `" + f.key + "` | " + f.type + " | `" + def + "` | " + f.range + " | " + f.doc + " |\n";
+  }
+  return out;
+}
+
+}  // namespace keel::config

@@ -1,0 +1,96 @@
+// Typed run configuration: TOML file + `--set key=value` overrides -> validated Config.
+// Every key lives in one schema (config.cpp); docs/configuration.md is generated from it.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace keel::config {
+
+// A configuration error a user can act on: names the key, where it came from and what was expected.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Config {
+  struct Run {
+    std::string name = "default";   // run directory name under dir
+    std::string dir = "runs";       // parent of run directories
+    int64_t seed = 0;               // seeds model init, sampler and augmentation
+    int64_t threads = 0;            // intra-op threads; 0 = all cores
+  } run;
+  struct Data {
+    std::string dataset = "fashion-mnist";  // idx | fashion-mnist | mnist
+    std::string root = "/usr/share/datasets/fashion-mnist";
+    int64_t workers = -1;   // loader threads; -1 = chosen from cores
+    int64_t prefetch = 2;   // ready batches queued ahead
+    std::vector<double> mean = {0.2860};  // per-channel normalisation of [0,1] pixels
+    std::vector<double> std = {0.3530};
+    int64_t train_limit = 0;  // use only the first N training samples (0 = all); for quick runs
+    int64_t test_limit = 0;   // likewise for the test split
+    bool random_flip = true;  // horizontal flip augmentation (training only)
+    int64_t random_crop_padding = 2;  // pad-and-crop augmentation (0 = off)
+  } data;
+  struct Model {
+    std::string name = "resnet20";
+    int64_t in_channels = 1;
+    int64_t num_classes = 10;
+    std::string weights;  // optional torch.save() state dict to start from
+  } model;
+  struct Train {
+    int64_t epochs = 2;
+    int64_t batch_size = 128;
+    int64_t eval_batch_size = 500;
+    double label_smoothing = 0.0;
+    bool channels_last = true;
+    std::string precision = "fp32";  // fp32 | bf16
+    int64_t log_every = 50;          // steps between progress lines (and loss read-backs)
+    int64_t max_steps = 0;           // stop after this many optimizer steps (0 = no limit)
+  } train;
+  struct Optim {
+    std::string name = "sgd";  // sgd | adamw
+    double lr = 0.2;           // peak learning rate
+    double momentum = 0.9;
+    bool nesterov = true;
+    double weight_decay = 5e-4;  // not applied to biases and norm weights
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-8;
+  } optim;
+  struct Schedule {
+    std::string name = "onecycle";  // onecycle | warmup_cosine | constant
+    double warmup_fraction = 0.15;  // share of all steps spent warming up
+    double start_factor = 0.04;     // lr at step 0 = lr * start_factor
+    double final_factor = 0.001;    // lr at the last step = lr * final_factor
+  } schedule;
+  struct Checkpoint {
+    bool save_final = true;
+  } checkpoint;
+};
+
+// Where a value came from, for error messages.
+struct Origin {
+  std::string file;  // config file path, or empty for --set
+  int64_t line = 0;
+  std::string set_arg;  // the --set argument, when it came from the command line
+  std::string str() const;
+};
+
+// Parses `path` (may be empty: all defaults) then applies each "key=value" override in order.
+// Throws ConfigError naming key + file:line (or the --set argument) for unknown keys, wrong
+// types, out-of-range values and violated cross-key constraints.
+Config load(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// Parses TOML text (for tests); `name` is used as the file name in errors.
+Config parse(const std::string& toml_text, const std::string& name,
+             const std::vector<std::string>& overrides = {});
+
+// Every key with its resolved value, as TOML.
+std::string to_toml(const Config& c);
+
+// The configuration reference (Markdown): every key, type, default, allowed range, meaning.
+std::string reference_markdown();
+
+}  // namespace keel::config

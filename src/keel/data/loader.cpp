@@ -1,0 +1,324 @@
+// Loader: ordered multi-threaded batch assembly into pooled buffers (see loader.h).
+#include "keel/data/loader.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace keel::data {
+namespace {
+
+// One reusable batch buffer with room for batch_size samples.
+struct Slot {
+  at::Tensor images;  // uint8 (batch_size, C, H, W)
+  at::Tensor labels;  // int64 (batch_size)
+};
+
+// Free buffers. Shared with the deleters of delivered batches, so a batch may outlive its Loader.
+class Pool {
+ public:
+  Pool(int64_t batch_size, ImageShape shape, size_t keep)
+      : batch_size_(batch_size), shape_(shape), keep_(keep) {
+    free_.reserve(keep_);  // so give() never allocates (it runs inside tensor deleters)
+  }
+
+  // A free buffer, or a new one when the consumer still holds all the old ones.
+  Slot take() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!free_.empty()) {
+        Slot s = std::move(free_.back());
+        free_.pop_back();
+        return s;
+      }
+    }
+    return Slot{at::empty({batch_size_, shape_.channels, shape_.height, shape_.width}, at::kByte),
+                at::empty({batch_size_}, at::kLong)};
+  }
+
+  // Returns a buffer; beyond `keep` free ones it is freed, so memory stays bounded.
+  void give(Slot s) noexcept {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (free_.size() < keep_) free_.push_back(std::move(s));
+  }
+
+ private:
+  const int64_t batch_size_;
+  const ImageShape shape_;
+  const size_t keep_;
+  std::mutex mu_;
+  std::vector<Slot> free_;
+};
+
+// Ties a delivered batch's buffer to its tensors: the last of them to go returns it to the pool.
+struct Lease {
+  Lease(std::shared_ptr<Pool> p, Slot s) : pool(std::move(p)), slot(std::move(s)) {}
+  Lease(const Lease&) = delete;  // a copy would return the same buffer twice
+  Lease& operator=(const Lease&) = delete;
+  ~Lease() { pool->give(std::move(slot)); }
+  std::shared_ptr<Pool> pool;
+  Slot slot;
+};
+
+// A finished batch waiting for its turn (or the error that stopped it).
+struct Ready {
+  Slot slot;
+  int64_t n = 0;
+  std::exception_ptr error;
+};
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("Loader: " + what);
+}
+
+}  // namespace
+
+struct Loader::Impl {
+  enum class State { kIdle, kRunning, kDone };
+
+  Impl(const Dataset& ds, const LoaderOptions& o)
+      : dataset(ds),
+        opts(o),
+        shape(ds.shape()),
+        sample_bytes(static_cast<size_t>(shape.numel())),
+        cap(o.workers() > 0 ? o.prefetch() + o.workers() : 1),
+        // +1: the batch the consumer holds while it asks for the next one.
+        pool(std::make_shared<Pool>(o.batch_size(), shape, static_cast<size_t>(cap) + 1)) {}
+
+  const Dataset& dataset;
+  const LoaderOptions opts;
+  const ImageShape shape;
+  const size_t sample_bytes;
+  const int64_t cap;  // batches in flight (claimed, not yet delivered)
+  std::shared_ptr<Pool> pool;
+
+  std::vector<int64_t> order;  // this rank's indices for the epoch
+  int64_t batches = 0;
+
+  std::mutex mu;                     // guards everything below except `cancel`
+  std::condition_variable ready_cv;  // a batch was finished
+  std::condition_variable space_cv;  // in_flight dropped, or cancel
+  std::map<int64_t, Ready> ready;    // finished out of order, delivered in order
+  int64_t next_claim = 0, next_deliver = 0, in_flight = 0;
+  int64_t claim_limit = 0;  // no batch at or past it is assembled (lowered by an error)
+  std::atomic<bool> cancel{false};
+  std::vector<std::thread> threads;
+
+  std::exception_ptr error;  // sticky until start_epoch()
+  State state = State::kIdle;
+  double last_wait = 0.0;
+
+  // Names a sample even when the dataset's describe() itself fails.
+  std::string describe(size_t index) const {
+    try {
+      return dataset.describe(index);
+    } catch (...) {
+      return "sample " + std::to_string(index);
+    }
+  }
+
+  // Writes batch k into `slot`; returns its sample count, or -1 when cancelled part-way.
+  int64_t fill(int64_t k, Slot& slot) {
+    const int64_t begin = k * opts.batch_size();
+    const int64_t end = std::min<int64_t>(begin + opts.batch_size(), order.size());
+    uint8_t* images = slot.images.data_ptr<uint8_t>();
+    int64_t* labels = slot.labels.data_ptr<int64_t>();
+    const int64_t classes = dataset.num_classes();
+    for (int64_t j = begin; j < end; ++j) {
+      if (cancel.load(std::memory_order_relaxed)) return -1;
+      const size_t index = static_cast<size_t>(order[j]);
+      try {
+        dataset.read_image(index, images + (j - begin) * sample_bytes);
+        const int64_t label = dataset.label(index);
+        if (label < 0 || label >= classes) {
+          throw std::runtime_error("label " + std::to_string(label) + " out of range, expected [0, " +
+                                   std::to_string(classes) + ")");
+        }
+        labels[j - begin] = label;
+      } catch (const std::exception& e) {
+        throw std::runtime_error(describe(index) + ": " + e.what());
+      } catch (...) {
+        throw std::runtime_error(describe(index) + ": unknown exception");
+      }
+    }
+    return end - begin;
+  }
+
+  // Worker thread: claims batch numbers in order, assembles them, hands them over.
+  void work() {
+    for (;;) {
+      int64_t k;
+      {
+        std::unique_lock<std::mutex> lk(mu);
+        space_cv.wait(lk, [&] { return cancel || next_claim >= claim_limit || in_flight < cap; });
+        if (cancel || next_claim >= claim_limit) return;
+        k = next_claim++;
+        ++in_flight;
+      }
+      Ready r;
+      try {
+        r.slot = pool->take();
+        r.n = fill(k, r.slot);
+      } catch (...) {
+        r.error = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        if (cancel || r.n < 0) {
+          if (r.slot.images.defined()) pool->give(std::move(r.slot));
+          return;
+        }
+        // Batches after a failed one would never be delivered: stop assembling them.
+        if (r.error) claim_limit = std::min(claim_limit, k + 1);
+        ready.emplace(k, std::move(r));
+      }
+      ready_cv.notify_one();
+    }
+  }
+
+  // Cancels and joins the workers, and returns every undelivered buffer to the pool.
+  void halt() noexcept {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      cancel = true;
+    }
+    space_cv.notify_all();
+    for (auto& t : threads) t.join();
+    threads.clear();
+    std::lock_guard<std::mutex> lk(mu);
+    for (auto& entry : ready) {
+      if (entry.second.slot.images.defined()) pool->give(std::move(entry.second.slot));
+    }
+    ready.clear();
+    in_flight = 0;
+    cancel = false;
+  }
+};
+
+Loader::Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options)
+    : dataset_(std::move(dataset)), options_(std::move(options)) {
+  require(dataset_ != nullptr, "dataset is null");
+  require(options_.batch_size() >= 1,
+          "batch_size must be >= 1, got " + std::to_string(options_.batch_size()));
+  require(options_.workers() >= 0,
+          "workers must be >= 0 (0 = load on the calling thread), got " +
+              std::to_string(options_.workers()));
+  require(options_.prefetch() >= 1,
+          "prefetch must be >= 1, got " + std::to_string(options_.prefetch()));
+  require(options_.world_size() >= 1,
+          "world_size must be >= 1, got " + std::to_string(options_.world_size()));
+  require(options_.rank() >= 0 && options_.rank() < options_.world_size(),
+          "rank " + std::to_string(options_.rank()) + " out of range, expected 0 <= rank < " +
+              std::to_string(options_.world_size()) + " (world_size)");
+  const ImageShape s = dataset_->shape();
+  require(s.channels > 0 && s.height > 0 && s.width > 0,
+          "dataset shape must be positive, got " + std::to_string(s.channels) + "x" +
+              std::to_string(s.height) + "x" + std::to_string(s.width));
+  impl_ = std::make_unique<Impl>(*dataset_, options_);
+}
+
+Loader::~Loader() { impl_->halt(); }
+
+void Loader::start_epoch(int64_t epoch) {
+  Impl& m = *impl_;
+  m.halt();
+  m.error = nullptr;
+  m.order = epoch_indices(dataset_->size(), options_.sampler(), epoch, options_.rank(),
+                          options_.world_size());
+  m.batches = batches_per_epoch();
+  m.next_claim = m.next_deliver = m.in_flight = 0;
+  m.claim_limit = m.batches;
+  m.state = Impl::State::kRunning;
+  const int64_t threads = std::min(options_.workers(), m.batches);
+  try {
+    for (int64_t i = 0; i < threads; ++i) m.threads.emplace_back([&m] { m.work(); });
+  } catch (...) {
+    m.halt();
+    m.state = Impl::State::kDone;
+    throw;
+  }
+}
+
+std::optional<Batch> Loader::next() {
+  Impl& m = *impl_;
+  if (m.state == Impl::State::kIdle) {
+    throw std::logic_error("Loader::next(): call start_epoch() first");
+  }
+  if (m.error) std::rethrow_exception(m.error);
+  if (m.state == Impl::State::kDone) return std::nullopt;
+  if (m.next_deliver >= m.batches) {
+    m.halt();  // workers have already exited; this only joins them
+    m.state = Impl::State::kDone;
+    return std::nullopt;
+  }
+
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t k = m.next_deliver;
+  Ready r;
+  if (options_.workers() == 0) {
+    try {
+      r.slot = m.pool->take();
+      r.n = m.fill(k, r.slot);
+    } catch (...) {
+      r.error = std::current_exception();
+    }
+  } else {
+    {
+      std::unique_lock<std::mutex> lk(m.mu);
+      m.ready_cv.wait(lk, [&] { return m.ready.count(k) > 0; });
+      auto node = m.ready.extract(k);
+      r = std::move(node.mapped());
+      --m.in_flight;
+    }
+    m.space_cv.notify_one();
+  }
+  m.last_wait = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++m.next_deliver;
+
+  if (r.error) {
+    if (r.slot.images.defined()) m.pool->give(std::move(r.slot));
+    m.error = r.error;
+    m.halt();
+    m.state = Impl::State::kDone;
+    std::rethrow_exception(m.error);
+  }
+
+  // The tensors view the pooled buffer; the lease returns it when both are released.
+  auto lease = std::make_shared<Lease>(m.pool, std::move(r.slot));
+  const ImageShape& s = m.shape;
+  Batch batch;
+  batch.index = k;
+  batch.images = at::from_blob(lease->slot.images.data_ptr(), {r.n, s.channels, s.height, s.width},
+                               [lease](void*) {}, at::TensorOptions().dtype(at::kByte));
+  batch.labels = at::from_blob(lease->slot.labels.data_ptr(), {r.n}, [lease](void*) {},
+                               at::TensorOptions().dtype(at::kLong));
+  return batch;
+}
+
+int64_t Loader::batches_per_epoch() const {
+  const auto n = static_cast<int64_t>(samples_per_rank(dataset_->size(), options_.world_size()));
+  const int64_t bs = options_.batch_size();
+  return options_.drop_last() ? n / bs : (n + bs - 1) / bs;
+}
+
+int64_t Loader::dropped_samples() const {
+  const auto n = static_cast<int64_t>(samples_per_rank(dataset_->size(), options_.world_size()));
+  return options_.drop_last() ? n % options_.batch_size() : 0;
+}
+
+void Loader::stop() {
+  impl_->halt();
+  if (impl_->state == Impl::State::kRunning) impl_->state = Impl::State::kDone;
+}
+
+double Loader::last_wait_seconds() const { return impl_->last_wait; }
+
+}  // namespace keel::data

@@ -1,0 +1,75 @@
+// Loader: worker threads assemble uint8 batches in epoch order into reused buffers.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "keel/data/dataset.h"
+#include "keel/data/sampler.h"
+
+namespace keel::data {
+
+// What the user asks of a Loader (fluent setters: LoaderOptions().batch_size(256).workers(4)).
+struct LoaderOptions {
+  TORCH_ARG(int64_t, batch_size) = 128;  // samples per batch (per rank), >= 1
+  TORCH_ARG(int64_t, workers) = 2;       // worker threads; 0 = assemble on the calling thread
+  TORCH_ARG(int64_t, prefetch) = 2;      // batches that may wait ready ahead of the consumer, >= 1
+  TORCH_ARG(bool, drop_last) = false;    // drop the incomplete last batch of each epoch
+  TORCH_ARG(SamplerOptions, sampler) = {};  // seed and shuffle of the epoch order
+  TORCH_ARG(int64_t, rank) = 0;          // this process's shard, 0 <= rank < world_size
+  TORCH_ARG(int64_t, world_size) = 1;    // number of shards (data-parallel processes)
+};
+
+// One batch. The tensors view a pooled loader buffer: the buffer goes back to the pool when
+// both tensors (and every view of them) are released, so keeping a batch is safe — clone()
+// is never needed — but a kept batch keeps its buffer out of the pool.
+struct Batch {
+  at::Tensor images;  // uint8 (N, C, H, W), contiguous
+  at::Tensor labels;  // int64 (N)
+  int64_t index = 0;  // batch number in the epoch
+};
+
+// Streams batches of a Dataset in the sampler's order. Batch k always holds the same samples
+// whatever the worker count, and batches arrive in order, so the stream is identical for any
+// number of workers. At most prefetch + workers batches are in flight (being assembled or ready)
+// at once; buffers are recycled through a pool of that size. Not thread-safe: one consumer
+// thread calls every method.
+class Loader {
+ public:
+  // Throws std::invalid_argument naming the option when an option is out of range.
+  Loader(std::shared_ptr<const Dataset> dataset, LoaderOptions options);
+  // Stops and joins every worker; never waits for the consumer. Batches still held stay valid.
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  // Cancels any previous epoch, then starts the workers on `epoch`'s order.
+  void start_epoch(int64_t epoch);
+  // The next batch in order; nullopt at the end of the epoch or after stop(). A sample that
+  // failed to load is rethrown here as std::runtime_error prefixed by the sample's describe(),
+  // in its batch's turn; the epoch is then dead and every later next() rethrows it until
+  // start_epoch(). Throws std::logic_error before the first start_epoch().
+  std::optional<Batch> next();
+  // Batches per epoch for this rank, respecting drop_last.
+  int64_t batches_per_epoch() const;
+  // Samples of this rank the tail drop removes per epoch (0 without drop_last).
+  int64_t dropped_samples() const;
+  // Cancels the epoch mid-way and joins the workers (each finishes at most its current sample).
+  void stop();
+  // Seconds the last next() waited for data (with workers = 0: the time it spent loading).
+  double last_wait_seconds() const;
+
+  const LoaderOptions& options() const { return options_; }
+  const Dataset& dataset() const { return *dataset_; }
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Dataset> dataset_;
+  LoaderOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace keel::data

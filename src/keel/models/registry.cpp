@@ -1,0 +1,30 @@
+// Model registry: maps a name to a constructor.
+#include "keel/models/registry.h"
+
+#include <stdexcept>
+#include "keel/models/resnet.h"
+
+namespace keel::models {
+
+NetPtr create(const ModelSpec& spec) {
+  if (spec.in_channels < 1 || spec.num_classes < 1) {
+    throw std::invalid_argument("model: in_channels and num_classes must be >= 1 (got " +
+                                std::to_string(spec.in_channels) + ", " +
+                                std::to_string(spec.num_classes) + ")");
+  }
+  if (auto o = resnet_options(spec.name)) {
+    o->in_channels = spec.in_channels;
+    o->num_classes = spec.num_classes;
+    return std::make_shared<ResNet>(*o);
+  }
+  std::string known;
+  for (const auto& n : available()) known += (known.empty() ? "" : ", ") + n;
+  throw std::invalid_argument("unknown model '" + spec.name + "'; known models: " + known);
+}
+
+std::vector<std::string> available() {
+  return {"resnet101", "resnet110", "resnet152", "resnet18", "resnet20", "resnet32",
+          "resnet34",  "resnet44",  "resnet50",  "resnet56"};
+}
+
+}  // namespace keel::models

@@ -1,0 +1,168 @@
+// ResNet implementation: torchvision's module tree (conv1, bn1, layerK.i.{conv,bn}J, downsample.{0,1}, fc)
+// and initialisation (Kaiming-normal fan-out convs, unit BN weights).
+#include "keel/models/resnet.h"
+
+#include <torch/nn/init.h>
+#include <torch/nn/functional/activation.h>
+#include <torch/nn/functional/pooling.h>
+
+namespace keel::models {
+namespace {
+
+constexpr int64_t kBottleneckExpansion = 4;
+
+torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride) {
+  return torch::nn::Conv2d(
+      torch::nn::Conv2dOptions(in, out, k).stride(stride).padding(k / 2).bias(false));
+}
+
+int64_t expansion(ResNetOptions::Block b) {
+  return b == ResNetOptions::Block::kBottleneck ? kBottleneckExpansion : 1;
+}
+
+}  // namespace
+
+ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes,
+                           int64_t stride)
+    : bottleneck(kind == ResNetOptions::Block::kBottleneck) {
+  const int64_t out_planes = planes * expansion(kind);
+  if (bottleneck) {
+    // torchvision (ResNet v1.5) puts the stride on the 3x3 conv.
+    conv1 = register_module("conv1", conv(in_planes, planes, 1, 1));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(planes));
+    conv2 = register_module("conv2", conv(planes, planes, 3, stride));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(planes));
+    conv3 = register_module("conv3", conv(planes, out_planes, 1, 1));
+    bn3 = register_module("bn3", torch::nn::BatchNorm2d(out_planes));
+  } else {
+    conv1 = register_module("conv1", conv(in_planes, planes, 3, stride));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(planes));
+    conv2 = register_module("conv2", conv(planes, planes, 3, 1));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(planes));
+  }
+  if (stride != 1 || in_planes != out_planes) {
+    downsample = register_module(
+        "downsample",
+        torch::nn::Sequential(conv(in_planes, out_planes, 1, stride), torch::nn::BatchNorm2d(out_planes)));
+  }
+}
+
+at::Tensor ResBlockImpl::forward(at::Tensor x) {
+  // x: (N, in_planes, H, W) -> (N, planes * expansion, H / stride, W / stride)
+  at::Tensor y = bn1(conv1(x)).relu_();
+  if (bottleneck) {
+    y = bn2(conv2(y)).relu_();
+    y = bn3(conv3(y));
+  } else {
+    y = bn2(conv2(y));
+  }
+  at::Tensor identity = downsample ? downsample->forward(x) : x;
+  return y.add_(identity).relu_();
+}
+
+ResNet::ResNet(const ResNetOptions& o) : opts(o) {
+  TORCH_CHECK(o.layers.size() == o.widths.size() && !o.layers.empty(),
+              "ResNet: layers and widths must have the same non-zero length");
+  const int64_t stem = o.widths.front();
+  conv1 = register_module("conv1", o.imagenet_stem ? conv(o.in_channels, stem, 7, 2)
+                                                   : conv(o.in_channels, stem, 3, 1));
+  bn1 = register_module("bn1", torch::nn::BatchNorm2d(stem));
+  int64_t in_planes = stem;
+  for (size_t s = 0; s < o.layers.size(); ++s) {
+    torch::nn::Sequential stage;
+    for (int64_t b = 0; b < o.layers[s]; ++b) {
+      const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
+      stage->push_back(ResBlock(o.block, in_planes, o.widths[s], stride));
+      in_planes = o.widths[s] * expansion(o.block);
+    }
+    stages.push_back(register_module("layer" + std::to_string(s + 1), stage));
+  }
+  fc = register_module("fc", torch::nn::Linear(in_planes, o.num_classes));
+
+  for (auto& m : modules(/*include_self=*/false)) {
+    if (auto* c = m->as<torch::nn::Conv2d>()) {
+      torch::nn::init::kaiming_normal_(c->weight, 0.0, torch::kFanOut, torch::kReLU);
+    } else if (auto* bn = m->as<torch::nn::BatchNorm2d>()) {
+      torch::nn::init::ones_(bn->weight);
+      torch::nn::init::zeros_(bn->bias);
+    }
+  }
+}
+
+at::Tensor ResNet::forward(at::Tensor x) {
+  // x: (N, C, H, W) float -> logits (N, num_classes)
+  x = bn1(conv1(x)).relu_();
+  if (opts.imagenet_stem) {
+    x = torch::nn::functional::max_pool2d(
+        x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));
+  }
+  for (auto& stage : stages) x = stage->forward(x);
+  x = x.mean({2, 3});  // (N, C_last)
+  return fc(x);
+}
+
+double ResNet::macs_per_image(int64_t height, int64_t width) const {
+  // Convolutions and fc only (BN/ReLU/add are memory-bound and small in FLOPs).
+  auto out = [](int64_t n, int64_t k, int64_t s) { return (n + 2 * (k / 2) - k) / s + 1; };
+  double macs = 0;
+  int64_t h = height, w = width;
+  auto conv_macs = [&](const torch::nn::Conv2d& c, int64_t& hh, int64_t& ww) {
+    const auto& co = c->options;
+    const int64_t k = co.kernel_size()->at(0), s = co.stride()->at(0);
+    hh = out(hh, k, s);
+    ww = out(ww, k, s);
+    macs += double(co.in_channels()) * co.out_channels() * k * k * hh * ww;
+  };
+  conv_macs(conv1, h, w);
+  if (opts.imagenet_stem) {
+    h = out(h, 3, 2);
+    w = out(w, 3, 2);
+  }
+  for (const auto& stage : stages) {
+    for (const auto& child : stage->children()) {
+      const auto* blk = child->as<ResBlockImpl>();
+      int64_t bh = h, bw = w;
+      conv_macs(blk->conv1, bh, bw);
+      conv_macs(blk->conv2, bh, bw);
+      if (blk->bottleneck) conv_macs(blk->conv3, bh, bw);
+      if (blk->downsample) {
+        int64_t dh = h, dw = w;
+        conv_macs(torch::nn::Conv2d(
+                      std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(blk->downsample->ptr(0))),
+                  dh, dw);
+      }
+      h = bh;
+      w = bw;
+    }
+  }
+  macs += double(fc->options.in_features()) * fc->options.out_features();
+  return macs;
+}
+
+std::optional<ResNetOptions> resnet_options(const std::string& name) {
+  using B = ResNetOptions::Block;
+  ResNetOptions o;
+  if (name == "resnet18") { o.block = B::kBasic; o.layers = {2, 2, 2, 2}; }
+  else if (name == "resnet34") { o.block = B::kBasic; o.layers = {3, 4, 6, 3}; }
+  else if (name == "resnet50") { o.block = B::kBottleneck; o.layers = {3, 4, 6, 3}; }
+  else if (name == "resnet101") { o.block = B::kBottleneck; o.layers = {3, 4, 23, 3}; }
+  else if (name == "resnet152") { o.block = B::kBottleneck; o.layers = {3, 8, 36, 3}; }
+  else {
+    // CIFAR family: depth = 6n + 2.
+    static const std::vector<std::pair<std::string, int64_t>> cifar = {
+        {"resnet20", 3}, {"resnet32", 5}, {"resnet44", 7}, {"resnet56", 9}, {"resnet110", 18}};
+    for (const auto& [n, blocks] : cifar) {
+      if (n == name) {
+        o.block = B::kBasic;
+        o.layers = {blocks, blocks, blocks};
+        o.widths = {16, 32, 64};
+        o.imagenet_stem = false;
+        return o;
+      }
+    }
+    return std::nullopt;
+  }
+  return o;
+}
+
+}  // namespace keel::models

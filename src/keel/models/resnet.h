@@ -1,0 +1,52 @@
+// ResNets with torchvision's layout and parameter names: ImageNet-style resnet18..152 and
+// CIFAR-style resnet20..110 (3 stages of 16/32/64 channels, 3x3 stem, no max-pool).
+#pragma once
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/pooling.h>
+#include <optional>
+#include "keel/models/net.h"
+
+namespace keel::models {
+
+struct ResNetOptions {
+  enum class Block { kBasic, kBottleneck };
+  Block block = Block::kBasic;
+  std::vector<int64_t> layers = {2, 2, 2, 2};   // blocks per stage
+  std::vector<int64_t> widths = {64, 128, 256, 512};  // planes per stage
+  bool imagenet_stem = true;  // 7x7/2 conv + 3x3/2 max-pool; false: 3x3/1 conv (CIFAR)
+  int64_t in_channels = 3;
+  int64_t num_classes = 1000;
+};
+
+// One residual block (basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1 with expansion 4).
+struct ResBlockImpl : torch::nn::Module {
+  ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes, int64_t stride);
+  at::Tensor forward(at::Tensor x);
+
+  bool bottleneck;
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
+  torch::nn::Sequential downsample{nullptr};
+};
+TORCH_MODULE(ResBlock);
+
+// The network: stem -> stages (layer1..layerN) -> global average pool -> fc.
+struct ResNet : Net {
+  explicit ResNet(const ResNetOptions& o);
+  at::Tensor forward(at::Tensor x) override;
+  double macs_per_image(int64_t height, int64_t width) const override;
+
+  ResNetOptions opts;
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  std::vector<torch::nn::Sequential> stages;
+  torch::nn::Linear fc{nullptr};
+};
+
+// ResNet options for a registered name (resnet18/34/50/101/152, resnet20/32/44/56/110); nullopt if unknown.
+std::optional<ResNetOptions> resnet_options(const std::string& name);
+
+}  // namespace keel::models

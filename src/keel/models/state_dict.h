@@ -1,0 +1,33 @@
+// State dicts: read PyTorch `torch.save(model.state_dict())` files, write files Python's
+// `torch.load` reads, and move named tensors in and out of a torch::nn::Module by name.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+namespace keel::models {
+
+// Named tensors in order (file order when read, module order when taken from a module).
+using StateDict = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Reads a torch.save() zip file whose top-level object is a dict or OrderedDict of tensors
+// (e.g. `torch.save(model.state_dict(), path)`). Tensors that shared a storage in Python share
+// one here. Throws std::runtime_error naming the path on any file, format or content problem.
+StateDict read_state_dict(const std::string& path);
+
+// Writes `sd` as a plain dict of CPU tensors that Python's torch.load() and read_state_dict()
+// read. Atomic: writes `path + ".tmp"`, fsyncs, then renames over `path`.
+void write_state_dict(const StateDict& sd, const std::string& path);
+
+// The module's parameters and buffers in torchvision's state_dict() order and naming
+// ("layer1.0.conv1.weight", "bn1.running_mean", "bn1.num_batches_tracked"), detached.
+StateDict state_dict_of(const torch::nn::Module& m);
+
+// Copies `sd` into `m` by name, converting dtype/device to the destination's. Strict: throws
+// std::runtime_error listing every missing key, unexpected key, duplicate key and shape mismatch
+// when anything differs; `m` is left unchanged in that case.
+void load_state_dict(torch::nn::Module& m, const StateDict& sd);
+
+}  // namespace keel::models

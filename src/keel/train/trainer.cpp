@@ -1,0 +1,298 @@
+// Training loop: data -> device augmentation -> forward/backward -> optimizer -> schedule, with
+// the loss read back from the device only every train.log_every steps.
+#include "keel/train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <thread>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include "keel/compat/torch_compat.h"
+#include "keel/data/idx.h"
+#include "keel/data/subset.h"
+#include "keel/models/registry.h"
+#include "keel/models/state_dict.h"
+#include "keel/monitor/metrics_log.h"
+#include "keel/train/optimizer.h"
+#include "keel/util/fs.h"
+
+namespace keel::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+int64_t resolve_workers(int64_t requested) {
+  if (requested >= 0) return requested;
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, cores - 1);
+}
+
+at::Tensor to_layout(at::Tensor x, bool channels_last) {
+  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+}
+
+at::Tensor forward(models::Net& model, const at::Tensor& x, const std::string& precision) {
+  if (precision == "bf16") {
+    compat::CpuAutocastGuard autocast(true, at::kBFloat16);
+    return model.forward(x).to(at::kFloat);
+  }
+  return model.forward(x);
+}
+
+}  // namespace
+
+// Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
+void model_to_channels_last(torch::nn::Module& m) {
+  torch::NoGradGuard ng;
+  for (auto& p : m.parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+}
+
+data::AugmentOptions augment_options(const config::Config& c) {
+  data::AugmentOptions a;
+  a.mean = c.data.mean;
+  a.std = c.data.std;
+  a.random_flip = c.data.random_flip;
+  a.random_crop_padding = c.data.random_crop_padding;
+  return a;
+}
+
+data::LoaderOptions loader_options(const config::Config& c, bool train) {
+  data::SamplerOptions s;
+  s.seed = static_cast<uint64_t>(c.run.seed);
+  s.shuffle = train;
+  return data::LoaderOptions()
+      .batch_size(train ? c.train.batch_size : c.train.eval_batch_size)
+      .workers(resolve_workers(c.data.workers))
+      .prefetch(c.data.prefetch)
+      .drop_last(false)
+      .sampler(s);
+}
+
+
+nlohmann::json EvalResult::to_json() const {
+  return {{"loss", loss}, {"top1", top1}, {"top5", top5}, {"samples", samples}, {"seconds", seconds}};
+}
+
+nlohmann::json FitResult::to_json() const {
+  return {{"test_top1", test.top1},     {"test_top5", test.top5},
+          {"test_loss", test.loss},     {"train_loss", train_loss},
+          {"train_top1", train_top1},   {"steps", steps},
+          {"epochs", epochs},           {"train_seconds", train_seconds},
+          {"wall_seconds", wall_seconds}, {"images_per_second", images_per_second},
+          {"data_wait_share", data_wait_share}, {"run_dir", run_dir},
+          {"checkpoint", checkpoint}};
+}
+
+int configure_threads(int64_t requested) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int n = requested > 0 ? static_cast<int>(requested) : cores;
+  at::set_num_threads(n);
+  return at::get_num_threads();
+}
+
+std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train) {
+  // fashion-mnist, mnist and idx all read the standard IDX file names under data.root.
+  std::shared_ptr<const data::Dataset> ds = data::make_idx_split(cfg.data.root, train);
+  const int64_t limit = train ? cfg.data.train_limit : cfg.data.test_limit;
+  if (limit > 0 && static_cast<size_t>(limit) < ds->size()) {
+    ds = std::make_shared<data::Subset>(ds, static_cast<size_t>(limit));
+  }
+  return ds;
+}
+
+models::NetPtr make_model(const config::Config& cfg) {
+  torch::manual_seed(static_cast<uint64_t>(cfg.run.seed));
+  auto model = models::create({cfg.model.name, cfg.model.in_channels, cfg.model.num_classes});
+  if (!cfg.model.weights.empty()) {
+    models::load_state_dict(*model, models::read_state_dict(cfg.model.weights));
+  }
+  return model;
+}
+
+EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
+                    bool channels_last, const std::string& precision) {
+  const auto t0 = Clock::now();
+  torch::NoGradGuard no_grad;
+  model.eval();
+  loader.start_epoch(0);
+  at::Tensor loss_sum = at::zeros({}, at::kDouble), top1 = at::zeros({}, at::kLong),
+             top5 = at::zeros({}, at::kLong);
+  int64_t n = 0;
+  while (auto b = loader.next()) {
+    at::Tensor x = to_layout(aug.eval(b->images), channels_last);  // (N, C, H, W)
+    at::Tensor logits = forward(model, x, precision);               // (N, K)
+    loss_sum += at::cross_entropy_loss(logits, b->labels, {}, at::Reduction::Sum).to(at::kDouble);
+    const int64_t k = std::min<int64_t>(5, logits.size(1));
+    at::Tensor pred = std::get<1>(logits.topk(k, 1));  // (N, k)
+    at::Tensor hit = pred.eq(b->labels.view({-1, 1}));
+    top1 += hit.select(1, 0).sum();
+    top5 += hit.any(1).sum();
+    n += b->labels.size(0);
+  }
+  EvalResult r;
+  r.samples = n;
+  if (n > 0) {
+    r.loss = loss_sum.item<double>() / n;
+    r.top1 = static_cast<double>(top1.item<int64_t>()) / n;
+    r.top5 = static_cast<double>(top5.item<int64_t>()) / n;
+  }
+  r.seconds = since(t0);
+  return r;
+}
+
+Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
+  run_dir_ = (std::filesystem::path(cfg_.run.dir) / cfg_.run.name).string();
+  util::make_dirs(run_dir_);
+  util::atomic_write_file(run_dir_ + "/config.resolved.toml", config::to_toml(cfg_));
+
+  train_set_ = make_dataset(cfg_, true);
+  test_set_ = make_dataset(cfg_, false);
+  const auto shape = train_set_->shape();
+  if (shape.channels != cfg_.model.in_channels) {
+    throw config::ConfigError(fmt::format(
+        "model.in_channels = {} but the dataset at {} has {}-channel images; set model.in_channels = {}",
+        cfg_.model.in_channels, cfg_.data.root, shape.channels, shape.channels));
+  }
+  if (train_set_->num_classes() > cfg_.model.num_classes) {
+    throw config::ConfigError(fmt::format(
+        "model.num_classes = {} but the dataset at {} has labels up to {}; set model.num_classes >= {}",
+        cfg_.model.num_classes, cfg_.data.root, train_set_->num_classes() - 1, train_set_->num_classes()));
+  }
+  model_ = make_model(cfg_);
+  if (cfg_.train.channels_last) model_to_channels_last(*model_);
+
+  OptimizerOptions oo;
+  oo.name = cfg_.optim.name;
+  oo.lr = cfg_.optim.lr;
+  oo.momentum = cfg_.optim.momentum;
+  oo.nesterov = cfg_.optim.nesterov;
+  oo.weight_decay = cfg_.optim.weight_decay;
+  oo.beta1 = cfg_.optim.beta1;
+  oo.beta2 = cfg_.optim.beta2;
+  oo.eps = cfg_.optim.eps;
+  optimizer_ = make_optimizer(*model_, oo);
+
+  schedule_.name = cfg_.schedule.name;
+  schedule_.warmup_fraction = cfg_.schedule.warmup_fraction;
+  schedule_.start_factor = cfg_.schedule.start_factor;
+  schedule_.final_factor = cfg_.schedule.final_factor;
+}
+
+Trainer::~Trainer() = default;
+
+FitResult Trainer::fit() {
+  const auto t_fit = Clock::now();
+  const int threads = configure_threads(cfg_.run.threads);
+  data::Loader train_loader(train_set_, loader_options(cfg_, true));
+  data::Loader test_loader(test_set_, loader_options(cfg_, false));
+  data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
+  monitor::MetricsLog log(run_dir_ + "/metrics.jsonl");
+
+  const int64_t per_epoch = train_loader.batches_per_epoch();
+  int64_t total_steps = per_epoch * cfg_.train.epochs;
+  if (cfg_.train.max_steps > 0) total_steps = std::min(total_steps, cfg_.train.max_steps);
+  const int64_t epochs = (total_steps + per_epoch - 1) / per_epoch;
+  const auto& tc = cfg_.train;
+  fmt::print("keel: {} on {} ({} train / {} test images, {}x{}x{}), {} threads, {} loader workers\n",
+             cfg_.model.name, cfg_.data.dataset, train_set_->size(), test_set_->size(),
+             train_set_->shape().channels, train_set_->shape().height, train_set_->shape().width, threads,
+             train_loader.options().workers());
+  fmt::print("keel: {} epochs x {} steps of batch {} ({} steps), {} lr {} ({}), precision {}{}\n", epochs,
+             per_epoch, tc.batch_size, total_steps, cfg_.optim.name, cfg_.optim.lr, cfg_.schedule.name,
+             tc.precision, tc.channels_last ? ", channels_last" : "");
+  fmt::print("keel: run directory {}\n", run_dir_);
+  std::fflush(stdout);
+
+  FitResult res;
+  res.run_dir = run_dir_;
+  int64_t step = 0;
+  double train_seconds = 0, wait_seconds = 0;
+  int64_t images = 0;
+  for (int64_t epoch = 0; epoch < epochs && step < total_steps; ++epoch) {
+    model_->train();
+    train_loader.start_epoch(epoch);
+    const auto t_epoch = Clock::now();
+    at::Tensor loss_sum = at::zeros({}, at::kDouble), correct = at::zeros({}, at::kLong);
+    int64_t seen = 0, window_start = step;
+    double window_t = 0;
+    auto t_window = Clock::now();
+    at::Tensor window_loss = at::zeros({}, at::kDouble);
+    while (step < total_steps) {
+      auto b = train_loader.next();
+      if (!b) break;
+      wait_seconds += train_loader.last_wait_seconds();
+      const double lr = cfg_.optim.lr * lr_factor(schedule_, step, total_steps);
+      set_lr(*optimizer_, lr);
+
+      at::Tensor x = to_layout(aug.train(b->images), tc.channels_last);  // (N, C, H, W) float
+      at::Tensor y = b->labels;                                          // (N)
+      optimizer_->zero_grad();
+      at::Tensor logits = forward(*model_, x, tc.precision);  // (N, K)
+      at::Tensor loss = at::cross_entropy_loss(logits, y, {}, at::Reduction::Mean, -100, tc.label_smoothing);
+      loss.backward();
+      optimizer_->step();
+
+      const int64_t n = y.size(0);
+      at::Tensor l = loss.detach().to(at::kDouble);
+      loss_sum += l * n;
+      window_loss += l;
+      correct += logits.detach().argmax(1).eq(y).sum();
+      seen += n;
+      images += n;
+      ++step;
+
+      if (step % tc.log_every == 0 || step == total_steps) {
+        // The one host read-back of the logging interval.
+        window_t = since(t_window);
+        const double wl = window_loss.item<double>() / static_cast<double>(step - window_start);
+        const double ips = static_cast<double>((step - window_start) * tc.batch_size) / std::max(window_t, 1e-9);
+        fmt::print("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} {:.0f} img/s\n", epoch + 1, epochs, step,
+                   total_steps, wl, lr, ips);
+        std::fflush(stdout);
+        log.write({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", wl}, {"lr", lr},
+                   {"images_per_second", ips}});
+        window_loss.zero_();
+        window_start = step;
+        t_window = Clock::now();
+      }
+    }
+    train_loader.stop();
+    const double epoch_seconds = since(t_epoch);
+    train_seconds += epoch_seconds;
+    res.train_loss = seen ? loss_sum.item<double>() / seen : 0.0;
+    res.train_top1 = seen ? static_cast<double>(correct.item<int64_t>()) / seen : 0.0;
+
+    res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
+    fmt::print("epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}%\n",
+               epoch + 1, epochs, epoch_seconds, res.train_loss, 100 * res.train_top1, res.test.loss,
+               100 * res.test.top1, 100 * res.test.top5);
+    std::fflush(stdout);
+    log.write({{"event", "epoch"}, {"epoch", epoch + 1}, {"step", step}, {"train_loss", res.train_loss},
+               {"train_top1", res.train_top1}, {"seconds", epoch_seconds}, {"test", res.test.to_json()}});
+    res.epochs = epoch + 1;
+  }
+  res.steps = step;
+  res.train_seconds = train_seconds;
+  res.images_per_second = train_seconds > 0 ? images / train_seconds : 0.0;
+  res.data_wait_share = train_seconds > 0 ? wait_seconds / train_seconds : 0.0;
+
+  if (cfg_.checkpoint.save_final) {
+    const std::string dir = run_dir_ + "/checkpoints";
+    util::make_dirs(dir);
+    res.checkpoint = dir + "/final.pt";
+    models::write_state_dict(models::state_dict_of(*model_), res.checkpoint);
+    util::atomic_write_file(dir + "/final.toml", config::to_toml(cfg_));
+  }
+  res.wall_seconds = since(t_fit);
+  log.write({{"event", "final"}, {"summary", res.to_json()}});
+  return res;
+}
+
+}  // namespace keel::train

@@ -1,0 +1,85 @@
+// Trainer: owns data, model, optimizer, schedule and logs of one run, and drives epochs.
+#pragma once
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "keel/config/config.h"
+#include "keel/data/augment.h"
+#include "keel/data/dataset.h"
+#include "keel/data/loader.h"
+#include "keel/models/net.h"
+#include "keel/train/schedule.h"
+
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace keel::train {
+
+// Loss and accuracies over one split.
+struct EvalResult {
+  double loss = 0, top1 = 0, top5 = 0;  // mean loss; accuracies in [0, 1]
+  int64_t samples = 0;
+  double seconds = 0;
+  nlohmann::json to_json() const;
+};
+
+// The outcome of fit().
+struct FitResult {
+  EvalResult test;
+  double train_loss = 0;     // mean over the last epoch
+  double train_top1 = 0;
+  int64_t steps = 0;
+  int64_t epochs = 0;
+  double train_seconds = 0;  // wall time of the training loop (evaluation excluded)
+  double wall_seconds = 0;   // whole fit(), evaluation included
+  double images_per_second = 0;  // training samples / train_seconds
+  double data_wait_share = 0;    // fraction of training time spent waiting for batches
+  std::string run_dir;
+  std::string checkpoint;        // final weights, or empty
+  nlohmann::json to_json() const;
+};
+
+// Sets LibTorch's intra-op threads (0 = every core) and returns the number in use.
+int configure_threads(int64_t requested);
+
+// Builds the dataset split a config names (train or test), honouring the *_limit keys.
+std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train);
+
+// Builds the model a config names, checking it against the data shape, and loads model.weights.
+models::NetPtr make_model(const config::Config& cfg);
+
+// Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
+void model_to_channels_last(torch::nn::Module& m);
+
+// Loader and augmentation settings of a config, for the training (shuffled) or test split.
+data::LoaderOptions loader_options(const config::Config& c, bool train);
+data::AugmentOptions augment_options(const config::Config& c);
+
+// Evaluates `model` on `loader`'s epoch 0 order; no gradients, eval mode.
+EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
+                    bool channels_last, const std::string& precision);
+
+class Trainer {
+ public:
+  explicit Trainer(config::Config cfg);
+  ~Trainer();
+  // Trains for train.epochs (or train.max_steps), evaluating on the test split after each epoch;
+  // writes metrics.jsonl and, when asked, the final checkpoint under the run directory.
+  FitResult fit();
+
+  const std::string& run_dir() const { return run_dir_; }
+  models::NetPtr model() const { return model_; }
+
+ private:
+  config::Config cfg_;
+  std::string run_dir_;
+  std::shared_ptr<const data::Dataset> train_set_, test_set_;
+  models::NetPtr model_;
+  std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  ScheduleOptions schedule_;
+};
+
+}  // namespace keel::train
