@@ -96,7 +96,7 @@ std::function<std::string(const std::string&)> one_of(std::vector<std::string> c
 }
 std::string choices_text(const std::vector<std::string>& c) {
   std::string s;
-  for (const auto& x : c) s += (s.empty() ? "" : " | ") + x;
+  for (const auto& x : c) s += (s.empty() ? "" : ", ") + x;
   return s;
 }
 

@@ -1,0 +1,110 @@
+// The keel executable end to end: help, config errors on the command line, --json summaries.
+#include <gtest/gtest.h>
+#include <gmock/gmock.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+using testing::HasSubstr;
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out;  // stdout and stderr
+};
+
+Result run(const std::string& args) {
+  const std::string cmd = std::string(KEEL_BINARY_DIR) + "/keel " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf;
+  while (size_t n = fread(buf.data(), 1, buf.size(), p)) out.append(buf.data(), n);
+  int status = pclose(p);
+  return {WEXITSTATUS(status), out};
+}
+
+std::string last_line(const std::string& s) {
+  std::string t = s;
+  while (!t.empty() && t.back() == '\n') t.pop_back();
+  return t.substr(t.rfind('\n') == std::string::npos ? 0 : t.rfind('\n') + 1);
+}
+
+std::string tmp_dir(const std::string& name) {
+  const char* base = std::getenv("KEEL_TEST_TMP");
+  auto p = std::filesystem::path(base ? base : "/tmp") / ("keel-cli-" + name);
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+}  // namespace
+
+TEST(Cli, HelpListsSubcommands) {
+  Result r = run("--help");
+  EXPECT_EQ(r.code, 0);
+  for (const char* s : {"train", "eval", "doctor", "config"}) EXPECT_THAT(r.out, HasSubstr(s));
+  for (const char* s : {"train", "eval", "doctor"}) {
+    Result h = run(std::string(s) + " --help");
+    EXPECT_EQ(h.code, 0) << s;
+  }
+}
+
+TEST(Cli, BadSetIsAnErrorNamingTheKey) {
+  Result r = run("train configs/default.toml --set train.epochs=many");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.out, HasSubstr("--set train.epochs=many"));
+  EXPECT_THAT(r.out, HasSubstr("'train.epochs' expects integer"));
+  r = run("train configs/default.toml --set optim.learning_rate=0.1");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.out, HasSubstr("unknown key 'optim.learning_rate'"));
+}
+
+TEST(Cli, UnknownKeyInFileNamesFileAndLine) {
+  const std::string dir = tmp_dir("badcfg");
+  {
+    std::ofstream f(dir + "/bad.toml");
+    f << "[train]\nepochs = 1\nbatchsize = 3\n";
+  }
+  Result r = run("train " + dir + "/bad.toml");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.out, HasSubstr(dir + "/bad.toml:3"));
+  EXPECT_THAT(r.out, HasSubstr("'train.batchsize'"));
+}
+
+TEST(Cli, TrainAndEvalPrintJsonSummary) {
+  const std::string dir = tmp_dir("json");
+  Result r = run("train configs/default.toml --json --set run.dir=" + dir +
+                 " --set run.name=tiny --set data.train_limit=256 --set data.test_limit=200"
+                 " --set train.batch_size=64 --set train.epochs=1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(last_line(r.out));
+  EXPECT_EQ(j["steps"], 4);
+  EXPECT_GE(j["test_top1"].get<double>(), 0.0);
+  EXPECT_GT(j["images_per_second"].get<double>(), 0.0);
+  EXPECT_THAT(r.out, HasSubstr("test accuracy"));
+  const std::string ckpt = j["checkpoint"];
+  EXPECT_TRUE(std::filesystem::exists(ckpt));
+
+  Result e = run("eval configs/default.toml --json --checkpoint " + ckpt + " --set data.test_limit=200");
+  ASSERT_EQ(e.code, 0) << e.out;
+  nlohmann::json ej = nlohmann::json::parse(last_line(e.out));
+  EXPECT_EQ(ej["samples"], 200);
+  EXPECT_NEAR(ej["top1"].get<double>(), j["test_top1"].get<double>(), 1e-9) << "eval reproduces the final test";
+}
+
+TEST(Cli, DoctorReportsMachineFacts) {
+  Result r = run("doctor --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(last_line(r.out));
+  EXPECT_GE(j["threads"].get<int>(), 1);
+  EXPECT_EQ(j["threads"].get<int>(), j["cores"].get<int>()) << "keel uses every core by default";
+  EXPECT_GT(j["fp32_gemm_gflops"].get<double>(), 0.0);
+  EXPECT_TRUE(j.contains("onednn"));
+  EXPECT_TRUE(j.contains("cuda"));
+  EXPECT_TRUE(j["data_ok"].get<bool>()) << j["data"];
+}

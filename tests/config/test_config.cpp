@@ -1,0 +1,133 @@
+// Config: parsing, overrides, and errors that name the key and where it came from.
+#include <gtest/gtest.h>
+#include <gmock/gmock.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "keel/config/config.h"
+
+using keel::config::Config;
+using keel::config::ConfigError;
+using testing::HasSubstr;
+
+namespace {
+
+// Runs `f`, expects a ConfigError, returns its message.
+template <class F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a ConfigError";
+  return "";
+}
+
+}  // namespace
+
+TEST(Config, DefaultsAndFileValues) {
+  Config c = keel::config::parse("[train]\nepochs = 7\n[optim]\nlr = 1\n", "t.toml");
+  EXPECT_EQ(c.train.epochs, 7);
+  EXPECT_DOUBLE_EQ(c.optim.lr, 1.0);  // an integer is accepted for a float key
+  EXPECT_EQ(c.model.name, "resnet20");
+  EXPECT_EQ(c.train.batch_size, Config{}.train.batch_size);
+}
+
+TEST(Config, UnknownKeyNamesKeyFileAndLine) {
+  std::string msg = error_of([] { keel::config::parse("[train]\nepochs = 2\nepoch = 3\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("cfg.toml:3"));
+  EXPECT_THAT(msg, HasSubstr("'train.epoch'"));
+  EXPECT_THAT(msg, HasSubstr("did you mean 'train.epochs'"));
+}
+
+TEST(Config, UnknownSectionIsAnError) {
+  std::string msg = error_of([] { keel::config::parse("[trian]\nepochs = 2\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("'trian'"));
+  EXPECT_THAT(msg, HasSubstr("cfg.toml:1"));
+}
+
+TEST(Config, WrongTypeNamesKeyAndExpectedType) {
+  std::string msg = error_of([] { keel::config::parse("[train]\n\nbatch_size = \"big\"\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("cfg.toml:3"));
+  EXPECT_THAT(msg, HasSubstr("'train.batch_size'"));
+  EXPECT_THAT(msg, HasSubstr("expects integer, got string"));
+  msg = error_of([] { keel::config::parse("[train]\nchannels_last = 1\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("'train.channels_last' expects boolean, got integer"));
+}
+
+TEST(Config, OutOfRangeNamesKeyAndRange) {
+  std::string msg = error_of([] { keel::config::parse("[train]\nepochs = 0\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("cfg.toml:2"));
+  EXPECT_THAT(msg, HasSubstr("'train.epochs' = 0 is out of range; expected an integer >= 1"));
+  msg = error_of([] { keel::config::parse("[optim]\nname = \"adam\"\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("'optim.name'"));
+  EXPECT_THAT(msg, HasSubstr("\"sgd\" \"adamw\""));
+}
+
+TEST(Config, SetOverridesAreTypedLikeTheFile) {
+  Config c = keel::config::parse("[train]\nepochs = 2\n", "t.toml",
+                                 {"train.epochs=5", "model.name=resnet56", "optim.lr=0.05",
+                                  "data.mean=[0.1]", "train.channels_last=false", "run.name=\"x y\""});
+  EXPECT_EQ(c.train.epochs, 5);
+  EXPECT_EQ(c.model.name, "resnet56");
+  EXPECT_DOUBLE_EQ(c.optim.lr, 0.05);
+  EXPECT_EQ(c.data.mean, std::vector<double>{0.1});
+  EXPECT_FALSE(c.train.channels_last);
+  EXPECT_EQ(c.run.name, "x y");
+}
+
+TEST(Config, BadSetNamesTheArgumentAndKey) {
+  std::string msg = error_of([] { keel::config::parse("", "t.toml", {"train.epochs=abc"}); });
+  EXPECT_THAT(msg, HasSubstr("--set train.epochs=abc"));
+  EXPECT_THAT(msg, HasSubstr("'train.epochs' expects integer"));
+  msg = error_of([] { keel::config::parse("", "t.toml", {"train.epoch=3"}); });
+  EXPECT_THAT(msg, HasSubstr("--set train.epoch=3"));
+  EXPECT_THAT(msg, HasSubstr("unknown key 'train.epoch'"));
+  msg = error_of([] { keel::config::parse("", "t.toml", {"train.epochs"}); });
+  EXPECT_THAT(msg, HasSubstr("expected key=value"));
+  msg = error_of([] { keel::config::parse("", "t.toml", {"train.label_smoothing=1.5"}); });
+  EXPECT_THAT(msg, HasSubstr("'train.label_smoothing' = 1.5 is out of range"));
+}
+
+TEST(Config, CrossKeyConstraint) {
+  std::string msg = error_of([] {
+    keel::config::parse("[model]\nin_channels = 3\n[data]\nmean = [0.1, 0.2]\n", "t.toml");
+  });
+  EXPECT_THAT(msg, HasSubstr("'data.mean' has 2 values"));
+}
+
+TEST(Config, SyntaxErrorNamesFileAndLine) {
+  std::string msg = error_of([] { keel::config::parse("[train]\nepochs = = 2\n", "bad.toml"); });
+  EXPECT_THAT(msg, HasSubstr("bad.toml:2"));
+}
+
+TEST(Config, ResolvedTomlRoundTripsEveryValue) {
+  Config c = keel::config::parse("", "t.toml", {"train.epochs=9", "data.std=[0.25]", "model.weights=/a/b.pt"});
+  std::string text = keel::config::to_toml(c);
+  Config back = keel::config::parse(text, "resolved.toml");
+  EXPECT_EQ(keel::config::to_toml(back), text);
+  EXPECT_EQ(back.train.epochs, 9);
+  EXPECT_EQ(back.model.weights, "/a/b.pt");
+}
+
+TEST(Config, MissingFileIsAnError) {
+  std::string msg = error_of([] { keel::config::load("/nonexistent/x.toml"); });
+  EXPECT_THAT(msg, HasSubstr("/nonexistent/x.toml"));
+}
+
+TEST(Config, ShippedConfigsParse) {
+  for (const char* name : {"configs/default.toml"}) {
+    EXPECT_NO_THROW(keel::config::load(std::string(KEEL_SOURCE_DIR) + "/" + name)) << name;
+  }
+}
+
+TEST(Config, ReferenceDocIsUpToDate) {
+  std::ifstream in(std::string(KEEL_SOURCE_DIR) + "/docs/configuration.md");
+  ASSERT_TRUE(in) << "docs/configuration.md missing; regenerate with `keel config --reference > docs/configuration.md`";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_EQ(ss.str(), keel::config::reference_markdown())
+      << "docs/configuration.md is stale; regenerate with `build/keel config --reference > docs/configuration.md`";
+}

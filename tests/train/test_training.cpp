@@ -1,0 +1,102 @@
+// Trainer: optimizer groups, augmentation, and a small convergence run on real Fashion-MNIST.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <torch/torch.h>
+
+#include "keel/config/config.h"
+#include "keel/data/augment.h"
+#include "keel/models/registry.h"
+#include "keel/models/state_dict.h"
+#include "keel/train/optimizer.h"
+#include "keel/train/trainer.h"
+
+namespace {
+std::string tmp_dir(const std::string& name) {
+  const char* base = std::getenv("KEEL_TEST_TMP");
+  auto p = std::filesystem::path(base ? base : "/tmp") / ("keel-" + name);
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+}  // namespace
+
+TEST(Optimizer, NoDecayOnBiasesAndNormWeights) {
+  auto m = keel::models::create({"resnet20", 1, 10});
+  keel::train::OptimizerOptions o;
+  o.weight_decay = 0.1;
+  auto opt = keel::train::make_optimizer(*m, o);
+  ASSERT_EQ(opt->param_groups().size(), 2u);
+  auto& decay = opt->param_groups()[0];
+  auto& no_decay = opt->param_groups()[1];
+  EXPECT_DOUBLE_EQ(static_cast<torch::optim::SGDOptions&>(decay.options()).weight_decay(), 0.1);
+  EXPECT_DOUBLE_EQ(static_cast<torch::optim::SGDOptions&>(no_decay.options()).weight_decay(), 0.0);
+  for (auto& p : decay.params()) EXPECT_GE(p.dim(), 2);
+  for (auto& p : no_decay.params()) EXPECT_LE(p.dim(), 1);
+  EXPECT_EQ(decay.params().size() + no_decay.params().size(), m->parameters().size());
+  keel::train::set_lr(*opt, 0.5);
+  for (auto& g : opt->param_groups()) EXPECT_DOUBLE_EQ(g.options().get_lr(), 0.5);
+}
+
+TEST(Augment, NormalizeFlipAndCropKeepPixels) {
+  keel::data::AugmentOptions o;
+  o.mean = {0.5};
+  o.std = {0.25};
+  keel::data::DeviceAugment plain(o, 1);
+  at::Tensor img = at::arange(2 * 1 * 4 * 4, at::kLong).remainder(256).to(at::kByte).view({2, 1, 4, 4});
+  at::Tensor e = plain.eval(img);
+  EXPECT_TRUE(at::allclose(e, (img.to(at::kFloat) / 255.0 - 0.5) / 0.25, 1e-5, 1e-6));
+
+  o.random_flip = true;
+  keel::data::DeviceAugment flip(o, 1), flip2(o, 1);
+  at::Tensor f = flip.train(img);
+  EXPECT_TRUE(at::equal(f, flip2.train(img))) << "same seed, same augmentation";
+  for (int64_t i = 0; i < 2; ++i) {
+    const bool same = at::equal(f[i], e[i]), mirrored = at::equal(f[i], e[i].flip({2}));
+    EXPECT_TRUE(same || mirrored) << "sample " << i;
+  }
+
+  o.random_flip = false;
+  o.random_crop_padding = 2;
+  keel::data::DeviceAugment crop(o, 3);
+  at::Tensor big = at::randint(1, 256, {16, 1, 8, 8}, at::kLong).to(at::kByte);
+  at::Tensor c = crop.train(big);
+  ASSERT_EQ(c.sizes(), big.sizes());
+  // Each crop is the padded image shifted by (dy, dx) in [-2, 2]: find a shift that explains it.
+  at::Tensor norm_zero = at::full({}, (0.0 - 0.5) / 0.25);
+  for (int64_t i = 0; i < 16; ++i) {
+    at::Tensor padded = at::constant_pad_nd(crop.eval(big[i].unsqueeze(0)), {2, 2, 2, 2},
+                                            norm_zero.item<double>());
+    bool found = false;
+    for (int dy = 0; dy <= 4 && !found; ++dy)
+      for (int dx = 0; dx <= 4 && !found; ++dx)
+        found = at::allclose(padded.slice(2, dy, dy + 8).slice(3, dx, dx + 8), c[i].unsqueeze(0));
+    EXPECT_TRUE(found) << "crop " << i << " is not a shifted window of the padded image";
+  }
+}
+
+// A few hundred steps on a Fashion-MNIST subset must reach accuracy far above chance (10%).
+TEST(Convergence, ResNet20LearnsFashionMnistSubset) {
+  const std::string dir = tmp_dir("convergence");
+  keel::config::Config cfg = keel::config::parse("", "test", {
+      "run.dir=\"" + dir + "\"", "run.name=conv", "data.train_limit=6400", "data.test_limit=1000",
+      "train.batch_size=32", "train.epochs=1", "optim.lr=0.1", "train.log_every=100"});
+  ASSERT_TRUE(std::filesystem::exists(cfg.data.root))
+      << cfg.data.root << " missing: run scripts/setup.sh (installs dataset-fashion-mnist)";
+  keel::train::Trainer t(cfg);
+  keel::train::FitResult r = t.fit();
+  EXPECT_EQ(r.steps, 200);
+  EXPECT_GT(r.test.top1, 0.65) << "test top-1 after 200 steps";
+  EXPECT_EQ(r.test.samples, 1000);
+  EXPECT_TRUE(std::filesystem::exists(dir + "/conv/metrics.jsonl"));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/conv/config.resolved.toml"));
+  ASSERT_TRUE(std::filesystem::exists(r.checkpoint));
+  EXPECT_FALSE(std::filesystem::exists(r.checkpoint + ".tmp"));
+
+  // The checkpoint reloads into a fresh model with identical weights.
+  auto fresh = keel::models::create({"resnet20", 1, 10});
+  keel::models::load_state_dict(*fresh, keel::models::read_state_dict(r.checkpoint));
+  auto a = keel::models::state_dict_of(*fresh), b = keel::models::state_dict_of(*t.model());
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second.contiguous())) << a[i].first;
+}
