@@ -52,7 +52,9 @@ void write_raw(const fs::path& path, const Bytes& b) {
 void write_gz(const fs::path& path, const Bytes& b) {
   gzFile g = gzopen(path.c_str(), "wb");
   ASSERT_NE(g, nullptr) << path;
-  if (!b.empty()) ASSERT_EQ(gzwrite(g, b.data(), static_cast<unsigned>(b.size())), int(b.size()));
+  if (!b.empty()) {
+    ASSERT_EQ(gzwrite(g, b.data(), static_cast<unsigned>(b.size())), int(b.size()));
+  }
   ASSERT_EQ(gzclose(g), Z_OK);
 }
 
@@ -64,7 +66,11 @@ class IdxTest : public ::testing::TestWithParam<bool> {
 
   std::string write(const std::string& name, const Bytes& b) {
     fs::path p = dir_ / (name + (gz() ? ".gz" : ""));
-    if (gz()) write_gz(p, b); else write_raw(p, b);
+    if (gz()) {
+      write_gz(p, b);
+    } else {
+      write_raw(p, b);
+    }
     return p.string();
   }
 
