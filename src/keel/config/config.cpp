@@ -15,7 +15,7 @@
 namespace keel::config {
 namespace {
 
-using Value = std::variant<int64_t, double, bool, std::string, std::vector<double>>;
+using Value = std::variant<int64_t, double, bool, std::string, std::vector<double>, std::vector<int64_t>>;
 
 // One configuration key: how to read, check, write and document it.
 struct Field {
@@ -47,6 +47,11 @@ std::string to_text(const Value& v) {
       os << toml::value<std::string>(s);
       return os.str();
     }
+    std::string operator()(const std::vector<int64_t>& a) const {
+      std::string s = "[";
+      for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+      return s + "]";
+    }
     std::string operator()(const std::vector<double>& a) const {
       std::string s = "[";
       for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + fmt_double(a[i]);
@@ -65,6 +70,7 @@ Field make_field(std::string key, S Config::*sec, T S::*mem, std::string doc, st
   else if constexpr (std::is_same_v<T, double>) f.type = "float";
   else if constexpr (std::is_same_v<T, bool>) f.type = "boolean";
   else if constexpr (std::is_same_v<T, std::string>) f.type = "string";
+  else if constexpr (std::is_same_v<T, std::vector<int64_t>>) f.type = "integer array";
   else f.type = "float array";
   f.doc = std::move(doc);
   f.range = std::move(range);
@@ -176,10 +182,19 @@ const std::vector<Field>& schema() {
         }));
     f.push_back(make_field<C::Train, bool>("train.channels_last", &C::train, &C::Train::channels_last,
         "Run convolutions in NHWC (channels-last) memory format; faster with oneDNN on CPU.", "", nullptr));
-    const std::vector<std::string> precisions = {"fp32", "bf16"};
+    const std::vector<std::string> precisions = {"fp32", "bf16", "fp16"};
     f.push_back(make_field<C::Train, std::string>("train.precision", &C::train, &C::Train::precision,
-        "Compute precision of forward/backward: fp32, or bf16 autocast (weights stay fp32).",
+        "Compute precision of forward/backward: fp32, bf16 autocast (CPU and CUDA), or fp16 autocast with the "
+        "dynamic loss scaler (CUDA only). Weights and optimizer state stay fp32.",
         choices_text(precisions), one_of(precisions)));
+    f.push_back(make_field<C::Train, int64_t>("train.micro_batch", &C::train, &C::Train::micro_batch,
+        "Samples per forward/backward; the batch is split into micro-batches whose gradients accumulate into "
+        "one optimizer step (0 = the whole batch). Must divide train.batch_size.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Train, double>("train.grad_clip_norm", &C::train, &C::Train::grad_clip_norm,
+        "Clip gradients to this global L2 norm (0 = off); the norm before clipping is logged.", ">= 0",
+        float_in(0, kInf)));
+    f.push_back(make_field<C::Train, double>("train.grad_clip_value", &C::train, &C::Train::grad_clip_value,
+        "Clip each gradient element to [-v, v] (0 = off).", ">= 0", float_in(0, kInf)));
     f.push_back(make_field<C::Train, int64_t>("train.log_every", &C::train, &C::Train::log_every,
         "Optimizer steps between progress lines; the loss is read back from the device only then.", ">= 1",
         int_at_least(1)));
@@ -221,6 +236,77 @@ const std::vector<Field>& schema() {
         "Learning rate at step 0 as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
     f.push_back(make_field<C::Schedule, double>("schedule.final_factor", &C::schedule, &C::Schedule::final_factor,
         "Learning rate at the last step as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
+    // amp
+    const std::vector<std::string> scaler_modes = {"auto", "on", "off"};
+    f.push_back(make_field<C::Amp, std::string>("amp.scaler", &C::amp, &C::Amp::scaler,
+        "Dynamic loss scaling: `auto` = on for fp16 only; `on` forces it (e.g. to test it with fp32/bf16).",
+        choices_text(scaler_modes), one_of(scaler_modes)));
+    f.push_back(make_field<C::Amp, double>("amp.init_scale", &C::amp, &C::Amp::init_scale,
+        "Initial loss scale (GradScaler's default).", "> 0", [](const double& v) { return v > 0 ? "" : "a number > 0"; }));
+    f.push_back(make_field<C::Amp, double>("amp.growth_factor", &C::amp, &C::Amp::growth_factor,
+        "Scale multiplier after growth_interval finite steps in a row.", "> 1",
+        [](const double& v) { return v > 1 ? "" : "a number > 1"; }));
+    f.push_back(make_field<C::Amp, double>("amp.backoff_factor", &C::amp, &C::Amp::backoff_factor,
+        "Scale multiplier on a step with inf/NaN gradients (the step is skipped).", "(0, 1)",
+        [](const double& v) { return (v > 0 && v < 1) ? "" : "a number in (0, 1)"; }));
+    f.push_back(make_field<C::Amp, int64_t>("amp.growth_interval", &C::amp, &C::Amp::growth_interval,
+        "Finite steps in a row before the scale grows.", ">= 1", int_at_least(1)));
+    // guard
+    f.push_back(make_field<C::Guard, bool>("guard.enabled", &C::guard, &C::Guard::enabled,
+        "Non-finite guard: a non-finite loss or gradient skips the optimizer step (schedule, EMA and step counter "
+        "do not advance). Off: a non-finite step stops the run.", "", nullptr));
+    f.push_back(make_field<C::Guard, int64_t>("guard.max_consecutive_skips", &C::guard,
+        &C::Guard::max_consecutive_skips,
+        "K: after K skipped steps in a row, roll back to the last good in-memory state (weights, optimizer, "
+        "scaler) and multiply the learning rate by guard.lr_factor.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Guard, int64_t>("guard.max_rollbacks", &C::guard, &C::Guard::max_rollbacks,
+        "R: after R rollbacks, stop with a report of every skip and where it started.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Guard, double>("guard.lr_factor", &C::guard, &C::Guard::lr_factor,
+        "Learning-rate multiplier applied at each rollback (cumulative).", "(0, 1]", [](const double& v) {
+          return (v > 0 && v <= 1) ? "" : "a number in (0, 1]";
+        }));
+    f.push_back(make_field<C::Guard, int64_t>("guard.snapshot_every", &C::guard, &C::Guard::snapshot_every,
+        "Applied steps between in-memory snapshots that a rollback returns to.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Guard, bool>("guard.locate", &C::guard, &C::Guard::locate,
+        "On a skip, replay the batch with every module output recorded and name the first module whose output "
+        "(forward) or gradient (backward) went non-finite, with its finite abs-min/abs-max.", "", nullptr));
+    // early_stop
+    f.push_back(make_field<C::EarlyStop, bool>("early_stop.enabled", &C::early_stop, &C::EarlyStop::enabled,
+        "Stop when the monitored metric has not improved for `patience` evaluations.", "", nullptr));
+    const std::vector<std::string> monitors = {"test_loss", "test_top1", "train_loss"};
+    f.push_back(make_field<C::EarlyStop, std::string>("early_stop.monitor", &C::early_stop,
+        &C::EarlyStop::monitor, "Metric watched after each epoch's evaluation.", choices_text(monitors),
+        one_of(monitors)));
+    const std::vector<std::string> modes = {"auto", "min", "max"};
+    f.push_back(make_field<C::EarlyStop, std::string>("early_stop.mode", &C::early_stop, &C::EarlyStop::mode,
+        "Whether lower or higher is better; auto = max for accuracies, min for losses.", choices_text(modes),
+        one_of(modes)));
+    f.push_back(make_field<C::EarlyStop, int64_t>("early_stop.patience", &C::early_stop, &C::EarlyStop::patience,
+        "Evaluations without improvement before stopping.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::EarlyStop, double>("early_stop.min_delta", &C::early_stop, &C::EarlyStop::min_delta,
+        "An improvement must beat the best value by more than this.", ">= 0", float_in(0, kInf)));
+    f.push_back(make_field<C::EarlyStop, bool>("early_stop.restore_best", &C::early_stop,
+        &C::EarlyStop::restore_best, "When stopping (or at the end), restore the weights of the best evaluation.", "",
+        nullptr));
+    // ema
+    f.push_back(make_field<C::EmaCfg, bool>("ema.enabled", &C::ema, &C::EmaCfg::enabled,
+        "Keep an exponential moving average of the weights, evaluated separately after each epoch.", "", nullptr));
+    f.push_back(make_field<C::EmaCfg, double>("ema.decay", &C::ema, &C::EmaCfg::decay,
+        "EMA decay per applied optimizer step.", "(0, 1)", [](const double& v) {
+          return (v > 0 && v < 1) ? "" : "a number in (0, 1)";
+        }));
+    // debug
+    f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_nonfinite.steps", &C::debug,
+        &C::Debug::inject_steps,
+        "Fault injection: make the step attempts with these 1-based numbers (the Nth batch offered to the optimizer step, skipped ones counted) non-finite, to see the guard work. Written "
+        "`inject_nonfinite = {steps = [10, 11], where = \"loss\"}` under [debug].", "positive integers",
+        [](const std::vector<int64_t>& v) -> std::string {
+          for (auto x : v) if (x < 1) return "positive step numbers";
+          return "";
+        }));
+    f.push_back(make_field<C::Debug, std::string>("debug.inject_nonfinite.where", &C::debug, &C::Debug::inject_where,
+        "What the injection makes NaN: `loss`, `grad` (the first parameter's gradient), or a module name such as "
+        "`layer2.0.conv1` (its forward output).", "loss, grad or a module name", nonempty));
     // checkpoint
     f.push_back(make_field<C::Checkpoint, bool>("checkpoint.save_final", &C::checkpoint,
         &C::Checkpoint::save_final,
@@ -294,6 +380,16 @@ Value convert(const Field& f, const toml::node& n, const Origin& where) {
   if (f.type == "string") {
     if (auto v = n.as_string()) return Value(v->get());
     throw wrong(toml_type_name(n));
+  }
+  if (f.type == "integer array") {
+    std::vector<int64_t> ints;
+    const auto* a = n.as_array();
+    if (!a) throw wrong(toml_type_name(n));
+    for (const auto& e : *a) {
+      if (auto i = e.as_integer()) ints.push_back(i->get());
+      else throw wrong("array containing " + toml_type_name(e));
+    }
+    return Value(ints);
   }
   // float array: a single number is accepted as a one-element array
   std::vector<double> out;
@@ -371,6 +467,10 @@ void validate(const Config& c, const std::string& file) {
   };
   channels_ok(c.data.mean, "data.mean");
   channels_ok(c.data.std, "data.std");
+  if (c.train.micro_batch > 0 && c.train.batch_size % c.train.micro_batch != 0) {
+    throw ConfigError(where + ": key 'train.micro_batch' = " + std::to_string(c.train.micro_batch) +
+                      " must divide train.batch_size = " + std::to_string(c.train.batch_size));
+  }
   if (c.optim.nesterov && c.optim.name == "sgd" && c.optim.momentum <= 0) {
     throw ConfigError(where + ": key 'optim.nesterov' = true needs optim.momentum > 0 (got " +
                       fmt_double(c.optim.momentum) + ")");

@@ -45,7 +45,10 @@ struct Config {
     int64_t eval_batch_size = 500;
     double label_smoothing = 0.0;
     bool channels_last = true;
-    std::string precision = "fp32";  // fp32 | bf16
+    std::string precision = "fp32";  // fp32 | bf16 | fp16
+    int64_t micro_batch = 0;         // samples per forward/backward (0 = batch_size)
+    double grad_clip_norm = 0.0;     // 0 = off
+    double grad_clip_value = 0.0;    // 0 = off
     int64_t log_every = 50;          // steps between progress lines (and loss read-backs)
     int64_t max_steps = 0;           // stop after this many optimizer steps (0 = no limit)
   } train;
@@ -65,6 +68,37 @@ struct Config {
     double start_factor = 0.04;     // lr at step 0 = lr * start_factor
     double final_factor = 0.001;    // lr at the last step = lr * final_factor
   } schedule;
+  struct Amp {
+    std::string scaler = "auto";  // auto (on for fp16) | on | off
+    double init_scale = 65536.0;
+    double growth_factor = 2.0;
+    double backoff_factor = 0.5;
+    int64_t growth_interval = 2000;
+  } amp;
+  struct Guard {
+    bool enabled = true;
+    int64_t max_consecutive_skips = 3;
+    int64_t max_rollbacks = 5;
+    double lr_factor = 0.5;
+    int64_t snapshot_every = 50;
+    bool locate = true;
+  } guard;
+  struct EarlyStop {
+    bool enabled = false;
+    std::string monitor = "test_loss";  // test_loss | test_top1 | train_loss
+    std::string mode = "auto";          // auto (max for accuracies) | min | max
+    int64_t patience = 3;
+    double min_delta = 0.0;
+    bool restore_best = true;
+  } early_stop;
+  struct EmaCfg {
+    bool enabled = false;
+    double decay = 0.999;
+  } ema;
+  struct Debug {
+    std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
+    std::string inject_where = "loss";     // debug.inject_nonfinite.where
+  } debug;
   struct Checkpoint {
     bool save_final = true;
   } checkpoint;

@@ -2,6 +2,8 @@
 // and initialisation (Kaiming-normal fan-out convs, unit BN weights).
 #include "keel/models/resnet.h"
 
+#include "keel/models/watch.h"
+
 #include <torch/nn/init.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/pooling.h>
@@ -23,8 +25,8 @@ int64_t expansion(ResNetOptions::Block b) {
 }  // namespace
 
 ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes,
-                           int64_t stride)
-    : bottleneck(kind == ResNetOptions::Block::kBottleneck) {
+                           int64_t stride, std::string path_)
+    : bottleneck(kind == ResNetOptions::Block::kBottleneck), path(std::move(path_)) {
   const int64_t out_planes = planes * expansion(kind);
   if (bottleneck) {
     // torchvision (ResNet v1.5) puts the stride on the 3x3 conv.
@@ -49,15 +51,17 @@ ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t
 
 at::Tensor ResBlockImpl::forward(at::Tensor x) {
   // x: (N, in_planes, H, W) -> (N, planes * expansion, H / stride, W / stride)
-  at::Tensor y = bn1(conv1(x)).relu_();
+  const std::string& p = path;
+  at::Tensor y = watch(p + ".conv1", conv1(x));
+  y = watch(p + ".bn1", bn1(y)).relu_();
+  y = watch(p + ".conv2", conv2(y));
+  y = watch(p + ".bn2", bn2(y));
   if (bottleneck) {
-    y = bn2(conv2(y)).relu_();
-    y = bn3(conv3(y));
-  } else {
-    y = bn2(conv2(y));
+    y = watch(p + ".conv3", conv3(y.relu_()));
+    y = watch(p + ".bn3", bn3(y));
   }
-  at::Tensor identity = downsample ? downsample->forward(x) : x;
-  return y.add_(identity).relu_();
+  at::Tensor identity = downsample ? watch(p + ".downsample", downsample->forward(x)) : x;
+  return watch(p, y.add_(identity).relu_());
 }
 
 ResNet::ResNet(const ResNetOptions& o) : opts(o) {
@@ -72,7 +76,8 @@ ResNet::ResNet(const ResNetOptions& o) : opts(o) {
     torch::nn::Sequential stage;
     for (int64_t b = 0; b < o.layers[s]; ++b) {
       const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
-      stage->push_back(ResBlock(o.block, in_planes, o.widths[s], stride));
+      stage->push_back(ResBlock(o.block, in_planes, o.widths[s], stride,
+                                  "layer" + std::to_string(s + 1) + "." + std::to_string(b)));
       in_planes = o.widths[s] * expansion(o.block);
     }
     stages.push_back(register_module("layer" + std::to_string(s + 1), stage));
@@ -91,14 +96,15 @@ ResNet::ResNet(const ResNetOptions& o) : opts(o) {
 
 at::Tensor ResNet::forward(at::Tensor x) {
   // x: (N, C, H, W) float -> logits (N, num_classes)
-  x = bn1(conv1(x)).relu_();
+  x = watch("conv1", conv1(x));
+  x = watch("bn1", bn1(x)).relu_();
   if (opts.imagenet_stem) {
     x = torch::nn::functional::max_pool2d(
         x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));
   }
   for (auto& stage : stages) x = stage->forward(x);
   x = x.mean({2, 3});  // (N, C_last)
-  return fc(x);
+  return watch("fc", fc(x));
 }
 
 double ResNet::macs_per_image(int64_t height, int64_t width) const {

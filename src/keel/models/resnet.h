@@ -23,10 +23,12 @@ struct ResNetOptions {
 
 // One residual block (basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1 with expansion 4).
 struct ResBlockImpl : torch::nn::Module {
-  ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes, int64_t stride);
+  // `path` is the block's state-dict prefix ("layer2.0"), used to name watched outputs.
+  ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes, int64_t stride, std::string path);
   at::Tensor forward(at::Tensor x);
 
   bool bottleneck;
+  std::string path;
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential downsample{nullptr};

@@ -17,7 +17,10 @@
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/monitor/metrics_log.h"
+#include "keel/train/early_stopping.h"
+#include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
+#include "keel/train/step.h"
 #include "keel/util/fs.h"
 
 namespace keel::train {
@@ -36,12 +39,19 @@ at::Tensor to_layout(at::Tensor x, bool channels_last) {
   return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
 }
 
-at::Tensor forward(models::Net& model, const at::Tensor& x, const std::string& precision) {
-  if (precision == "bf16") {
-    compat::CpuAutocastGuard autocast(true, at::kBFloat16);
-    return model.forward(x).to(at::kFloat);
-  }
-  return model.forward(x);
+// Copies of every parameter and buffer (for restoring the best weights).
+std::vector<at::Tensor> snapshot_weights(models::Net& m) {
+  std::vector<at::Tensor> out;
+  for (auto& p : m.parameters()) out.push_back(p.detach().clone());
+  for (auto& b : m.buffers()) out.push_back(b.detach().clone());
+  return out;
+}
+
+void restore_weights(models::Net& m, const std::vector<at::Tensor>& w) {
+  torch::NoGradGuard ng;
+  size_t i = 0;
+  for (auto& p : m.parameters()) p.copy_(w[i++]);
+  for (auto& b : m.buffers()) b.copy_(w[i++]);
 }
 
 }  // namespace
@@ -87,7 +97,9 @@ nlohmann::json FitResult::to_json() const {
           {"epochs", epochs},           {"train_seconds", train_seconds},
           {"wall_seconds", wall_seconds}, {"images_per_second", images_per_second},
           {"data_wait_share", data_wait_share}, {"run_dir", run_dir},
-          {"checkpoint", checkpoint}};
+          {"checkpoint", checkpoint},  {"skipped_steps", skipped_steps},
+          {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
+          {"best_epoch", best_epoch},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
 }
 
 int configure_threads(int64_t requested) {
@@ -127,7 +139,7 @@ EvalResult evaluate(models::Net& model, data::Loader& loader, const data::Device
   int64_t n = 0;
   while (auto b = loader.next()) {
     at::Tensor x = to_layout(aug.eval(b->images), channels_last);  // (N, C, H, W)
-    at::Tensor logits = forward(model, x, precision);               // (N, K)
+    at::Tensor logits = forward_logits(model, x, precision);        // (N, K)
     loss_sum += at::cross_entropy_loss(logits, b->labels, {}, at::Reduction::Sum).to(at::kDouble);
     const int64_t k = std::min<int64_t>(5, logits.size(1));
     at::Tensor pred = std::get<1>(logits.topk(k, 1));  // (N, k)
@@ -210,56 +222,98 @@ FitResult Trainer::fit() {
   fmt::print("keel: run directory {}\n", run_dir_);
   std::fflush(stdout);
 
+  StepOptions so;
+  so.precision = tc.precision;
+  so.channels_last = tc.channels_last;
+  so.micro_batch = tc.micro_batch;
+  so.label_smoothing = tc.label_smoothing;
+  so.clip_norm = tc.grad_clip_norm;
+  so.clip_value = tc.grad_clip_value;
+  so.scaler.enabled = cfg_.amp.scaler == "on" || (cfg_.amp.scaler == "auto" && tc.precision == "fp16");
+  so.scaler.init_scale = cfg_.amp.init_scale;
+  so.scaler.growth_factor = cfg_.amp.growth_factor;
+  so.scaler.backoff_factor = cfg_.amp.backoff_factor;
+  so.scaler.growth_interval = cfg_.amp.growth_interval;
+  so.guard.enabled = cfg_.guard.enabled;
+  so.guard.max_consecutive_skips = cfg_.guard.max_consecutive_skips;
+  so.guard.max_rollbacks = cfg_.guard.max_rollbacks;
+  so.guard.lr_factor = cfg_.guard.lr_factor;
+  so.guard.snapshot_every = cfg_.guard.snapshot_every;
+  so.guard.locate = cfg_.guard.locate;
+  so.inject.steps = cfg_.debug.inject_steps;
+  so.inject.where = cfg_.debug.inject_where;
+
+  std::unique_ptr<Ema> ema;
+  if (cfg_.ema.enabled) {
+    models::NetPtr shadow = models::create({cfg_.model.name, cfg_.model.in_channels, cfg_.model.num_classes});
+    if (tc.channels_last) model_to_channels_last(*shadow);
+    ema = std::make_unique<Ema>(shadow, *model_, cfg_.ema.decay);
+  }
+  const double peak_lr = cfg_.optim.lr;
+  StepRunner runner(*model_, *optimizer_, so,
+                    [&](int64_t s) { return peak_lr * lr_factor(schedule_, s, total_steps); }, ema.get());
+
+  std::optional<EarlyStopping> stopper;
+  std::vector<at::Tensor> best_weights;
+  if (cfg_.early_stop.enabled) {
+    EarlyStoppingOptions eo;
+    eo.mode = cfg_.early_stop.mode != "auto" ? cfg_.early_stop.mode
+                                             : (cfg_.early_stop.monitor == "test_top1" ? "max" : "min");
+    eo.patience = cfg_.early_stop.patience;
+    eo.min_delta = cfg_.early_stop.min_delta;
+    stopper.emplace(eo);
+  }
+
   FitResult res;
   res.run_dir = run_dir_;
-  int64_t step = 0;
   double train_seconds = 0, wait_seconds = 0;
   int64_t images = 0;
-  for (int64_t epoch = 0; epoch < epochs && step < total_steps; ++epoch) {
+  bool stop = false;
+  for (int64_t epoch = 0; epoch < epochs && runner.steps() < total_steps && !stop; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
     const auto t_epoch = Clock::now();
     at::Tensor loss_sum = at::zeros({}, at::kDouble), correct = at::zeros({}, at::kLong);
-    int64_t seen = 0, window_start = step;
-    double window_t = 0;
+    int64_t seen = 0, window_steps = 0, window_images = 0;
     auto t_window = Clock::now();
-    at::Tensor window_loss = at::zeros({}, at::kDouble);
-    while (step < total_steps) {
+    at::Tensor window_loss = at::zeros({}, at::kDouble), last_norm = at::zeros({}, at::kFloat);
+    double lr = 0;
+    while (runner.steps() < total_steps) {
       auto b = train_loader.next();
       if (!b) break;
       wait_seconds += train_loader.last_wait_seconds();
-      const double lr = cfg_.optim.lr * lr_factor(schedule_, step, total_steps);
-      set_lr(*optimizer_, lr);
-
       at::Tensor x = to_layout(aug.train(b->images), tc.channels_last);  // (N, C, H, W) float
-      at::Tensor y = b->labels;                                          // (N)
-      optimizer_->zero_grad();
-      at::Tensor logits = forward(*model_, x, tc.precision);  // (N, K)
-      at::Tensor loss = at::cross_entropy_loss(logits, y, {}, at::Reduction::Mean, -100, tc.label_smoothing);
-      loss.backward();
-      optimizer_->step();
-
-      const int64_t n = y.size(0);
-      at::Tensor l = loss.detach().to(at::kDouble);
-      loss_sum += l * n;
-      window_loss += l;
-      correct += logits.detach().argmax(1).eq(y).sum();
-      seen += n;
-      images += n;
-      ++step;
-
+      StepResult r = runner.run(x, b->labels);
+      images += r.samples;
+      lr = r.lr;
+      if (!r.applied) {
+        fmt::print("guard: {}\n", r.message);
+        log.write({{"event", r.event}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", r.message}});
+        continue;
+      }
+      loss_sum += r.loss * static_cast<double>(r.samples);
+      correct += r.correct;
+      window_loss += r.loss;
+      last_norm = r.grad_norm;
+      seen += r.samples;
+      ++window_steps;
+      window_images += r.samples;
+      const int64_t step = runner.steps();
       if (step % tc.log_every == 0 || step == total_steps) {
         // The one host read-back of the logging interval.
-        window_t = since(t_window);
-        const double wl = window_loss.item<double>() / static_cast<double>(step - window_start);
-        const double ips = static_cast<double>((step - window_start) * tc.batch_size) / std::max(window_t, 1e-9);
-        fmt::print("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} {:.0f} img/s\n", epoch + 1, epochs, step,
-                   total_steps, wl, lr, ips);
+        const double window_t = since(t_window);
+        const double wl = window_loss.item<double>() / static_cast<double>(window_steps);
+        const double ips = static_cast<double>(window_images) / std::max(window_t, 1e-9);
+        const double gn = last_norm.item<double>();
+        fmt::print("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} grad-norm {:.3g} {:.0f} img/s\n", epoch + 1, epochs,
+                   step, total_steps, wl, lr, gn, ips);
         std::fflush(stdout);
-        log.write({{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", wl}, {"lr", lr},
-                   {"images_per_second", ips}});
+        nlohmann::json rec = {{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", wl}, {"lr", lr},
+                              {"grad_norm", gn}, {"images_per_second", ips}};
+        if (runner.scaler().enabled()) rec["loss_scale"] = runner.scaler().scale_value();
+        log.write(rec);
         window_loss.zero_();
-        window_start = step;
+        window_steps = window_images = 0;
         t_window = Clock::now();
       }
     }
@@ -273,11 +327,46 @@ FitResult Trainer::fit() {
     fmt::print("epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}%\n",
                epoch + 1, epochs, epoch_seconds, res.train_loss, 100 * res.train_top1, res.test.loss,
                100 * res.test.top1, 100 * res.test.top5);
+    nlohmann::json rec = {{"event", "epoch"}, {"epoch", epoch + 1}, {"step", runner.steps()},
+                          {"train_loss", res.train_loss}, {"train_top1", res.train_top1},
+                          {"seconds", epoch_seconds}, {"test", res.test.to_json()},
+                          {"skipped_steps", runner.skipped()}, {"rollbacks", runner.rollbacks()}};
+    if (ema) {
+      EvalResult e = evaluate(ema->model(), test_loader, aug, tc.channels_last, tc.precision);
+      fmt::print("epoch {}/{} EMA: test loss {:.4f} top1 {:.2f}%\n", epoch + 1, epochs, e.loss, 100 * e.top1);
+      rec["ema_test"] = e.to_json();
+      res.ema_test = e;
+    }
     std::fflush(stdout);
-    log.write({{"event", "epoch"}, {"epoch", epoch + 1}, {"step", step}, {"train_loss", res.train_loss},
-               {"train_top1", res.train_top1}, {"seconds", epoch_seconds}, {"test", res.test.to_json()}});
+    log.write(rec);
     res.epochs = epoch + 1;
+    if (stopper) {
+      const std::string& m = cfg_.early_stop.monitor;
+      const double v = m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
+      stop = stopper->update(v);
+      if (stopper->improved()) {
+        best_weights = snapshot_weights(*model_);
+        res.best_epoch = epoch + 1;
+      }
+      if (stop) {
+        fmt::print("early stop: {} has not improved for {} epochs (best {:.4f} at epoch {})\n", m,
+                   cfg_.early_stop.patience, stopper->best(), res.best_epoch);
+        log.write({{"event", "early_stop"}, {"epoch", epoch + 1}, {"monitor", m}, {"best", stopper->best()},
+                   {"best_epoch", res.best_epoch}});
+        res.early_stopped = true;
+      }
+    }
   }
+  if (stopper && cfg_.early_stop.restore_best && !best_weights.empty() && res.best_epoch != res.epochs) {
+    restore_weights(*model_, best_weights);
+    res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
+    fmt::print("restored the weights of epoch {}: test loss {:.4f} top1 {:.2f}%\n", res.best_epoch, res.test.loss,
+               100 * res.test.top1);
+  }
+  res.skipped_steps = runner.skipped();
+  res.rollbacks = runner.rollbacks();
+  res.guard_events = runner.events();
+  const int64_t step = runner.steps();
   res.steps = step;
   res.train_seconds = train_seconds;
   res.images_per_second = train_seconds > 0 ? images / train_seconds : 0.0;

@@ -1,6 +1,8 @@
 // Trainer: owns data, model, optimizer, schedule and logs of one run, and drives epochs.
 #pragma once
 #include <memory>
+#include <optional>
+#include <vector>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -39,6 +41,12 @@ struct FitResult {
   double data_wait_share = 0;    // fraction of training time spent waiting for batches
   std::string run_dir;
   std::string checkpoint;        // final weights, or empty
+  int64_t skipped_steps = 0;     // non-finite steps the guard skipped
+  int64_t rollbacks = 0;
+  std::vector<std::string> guard_events;
+  bool early_stopped = false;
+  int64_t best_epoch = 0;        // with early stopping: the epoch whose weights were kept
+  std::optional<EvalResult> ema_test;
   nlohmann::json to_json() const;
 };
 

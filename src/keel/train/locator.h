@@ -1,0 +1,64 @@
+// Non-finite locator and fault injection, both as forward Watchers (see models/watch.h).
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+#include <vector>
+#include <torch/nn/module.h>
+
+#include "keel/models/watch.h"
+
+namespace keel::train {
+
+// Where a non-finite value first appeared.
+struct Location {
+  std::string phase;   // "forward" | "backward" | "loss"
+  std::string module;  // state-dict prefix, e.g. "layer2.1.bn2"
+  double abs_min = 0, abs_max = 0;  // over the finite entries of that output (or gradient)
+  std::string str() const;
+};
+
+// Records every watched forward output's finiteness (as tensors; read only by first_nonfinite()).
+class NonFiniteLocator : public models::Watcher {
+ public:
+  at::Tensor on_output(const std::string& module, const at::Tensor& out) override;
+  // The first recorded module, in forward order, whose output holds inf/NaN (host sync).
+  std::optional<Location> first_nonfinite() const;
+  void clear() { records_.clear(); }
+
+ private:
+  struct Record {
+    std::string module;
+    at::Tensor finite;  // bool 0-dim
+    at::Tensor out;     // detached copy-free view, for abs-min/max when reported
+  };
+  std::vector<Record> records_;
+};
+
+// The module whose gradients went non-finite first in the backward pass: gradients flow in
+// reverse forward order and a NaN spreads to everything upstream, so it is the LAST module in
+// parameter (forward) order with a non-finite parameter gradient. Host sync; used after a skip.
+std::optional<Location> locate_nonfinite_grad(const torch::nn::Module& model);
+
+// Fault injection (debug.inject_nonfinite): at the listed step attempts, makes the loss, the
+// gradients, or a named module's forward output NaN.
+struct InjectOptions {
+  std::vector<int64_t> steps;  // 1-based attempt numbers: the Nth batch offered to the step (skips counted)
+  std::string where = "loss";  // "loss" | "grad" | a module name ("layer1.0.conv2")
+  bool active_at(int64_t step) const;
+};
+
+// Wraps another watcher (may be null) and replaces the named module's output with NaN.
+class FaultInjector : public models::Watcher {
+ public:
+  FaultInjector(std::string module, models::Watcher* next) : module_(std::move(module)), next_(next) {}
+  at::Tensor on_output(const std::string& module, const at::Tensor& out) override;
+  bool fired() const { return fired_; }
+
+ private:
+  std::string module_;
+  models::Watcher* next_;
+  bool fired_ = false;
+};
+
+}  // namespace keel::train

@@ -1,0 +1,225 @@
+// StepRunner: the ordered optimizer step and the non-finite guard.
+#include "keel/train/step.h"
+
+#include <fmt/format.h>
+#include <limits>
+#include <sstream>
+#include <torch/torch.h>
+
+#include "keel/compat/torch_compat.h"
+#include "keel/train/ema.h"
+#include "keel/train/optimizer.h"
+
+namespace keel::train {
+
+at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision) {
+  // x: (N, C, H, W) float -> logits (N, K) float
+  if (precision == "bf16") {
+    compat::CpuAutocastGuard autocast(true, at::kBFloat16);
+    return model.forward(x).to(at::kFloat);
+  }
+  if (precision == "fp16") {
+    TORCH_CHECK(x.is_cuda(), "train.precision = \"fp16\" needs a CUDA device (CPU autocast supports bf16 only)");
+  }
+  return model.forward(x);
+}
+
+StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
+                       std::function<double(int64_t)> lr_at, Ema* ema)
+    : model_(model), opt_(opt), o_(std::move(o)), lr_at_(std::move(lr_at)), ema_(ema), scaler_(o_.scaler) {
+  for (auto& p : model_.parameters()) if (p.requires_grad()) params_.push_back(p);
+}
+
+void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss,
+                                  models::Watcher* watcher, at::Tensor& loss_sum, at::Tensor& correct) {
+  const int64_t n = x.size(0);
+  const int64_t mb = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
+  models::WatchScope scope(watcher);
+  for (int64_t start = 0; start < n; start += mb) {
+    const int64_t len = std::min(mb, n - start);
+    at::Tensor xm = x.narrow(0, start, len), ym = y.narrow(0, start, len);  // (m, C, H, W), (m)
+    at::Tensor logits = forward_logits(model_, xm, o_.precision);          // (m, K)
+    at::Tensor loss = at::cross_entropy_loss(logits, ym, {}, at::Reduction::Mean, -100, o_.label_smoothing);
+    if (inject_loss) loss = loss + std::numeric_limits<float>::quiet_NaN();
+    // Each micro-batch's mean loss is weighted by its share, so the summed gradient equals the
+    // full batch's mean-loss gradient.
+    const double share = static_cast<double>(len) / static_cast<double>(n);
+    scaler_.scale(loss * share).backward();
+    loss_sum += loss.detach().to(at::kDouble) * len;
+    correct += logits.detach().argmax(1).eq(ym).sum();
+  }
+}
+
+std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
+  // Diagnostic replay of the failed batch with every module output recorded. BN running stats
+  // are saved and restored so the replay leaves no trace.
+  std::vector<at::Tensor> saved;
+  for (auto& b : model_.buffers()) saved.push_back(b.detach().clone());
+  opt_.zero_grad();
+  NonFiniteLocator loc;
+  FaultInjector inj(o_.inject.where, &loc);
+  const bool inject = o_.inject.active_at(attempts_);
+  const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
+  at::Tensor ls = at::zeros({}, at::kDouble), c = at::zeros({}, at::kLong);
+  forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? static_cast<models::Watcher*>(&inj) : &loc,
+                   ls, c);
+  if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
+    params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  {
+    torch::NoGradGuard ng;
+    auto bufs = model_.buffers();
+    for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
+  }
+  std::string where;
+  if (auto f = loc.first_nonfinite()) {
+    where = f->str();
+  } else if (!std::isfinite(ls.item<double>())) {
+    where = "the loss (every module output was finite)";
+  } else if (auto g = locate_nonfinite_grad(model_)) {
+    where = g->str();
+  } else {
+    where = "not reproduced on replay";
+  }
+  opt_.zero_grad();
+  return where;
+}
+
+void StepRunner::take_snapshot() {
+  Snapshot s;
+  torch::NoGradGuard ng;
+  for (auto& p : model_.parameters()) s.params.push_back(p.detach().clone());
+  for (auto& b : model_.buffers()) s.buffers.push_back(b.detach().clone());
+  std::ostringstream os;
+  torch::serialize::OutputArchive ar;
+  opt_.save(ar);
+  ar.save_to(os);
+  s.optimizer = os.str();
+  s.scaler = scaler_.state();
+  s.step = steps_;
+  snapshot_ = std::move(s);
+}
+
+void StepRunner::restore_snapshot() {
+  if (!snapshot_) return;
+  torch::NoGradGuard ng;
+  auto ps = model_.parameters();
+  for (size_t i = 0; i < ps.size(); ++i) ps[i].copy_(snapshot_->params[i]);
+  auto bs = model_.buffers();
+  for (size_t i = 0; i < bs.size(); ++i) bs[i].copy_(snapshot_->buffers[i]);
+  std::istringstream is(snapshot_->optimizer);
+  torch::serialize::InputArchive ar;
+  ar.load_from(is);
+  opt_.load(ar);
+  scaler_.load_state(snapshot_->scaler);
+}
+
+StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
+  if (!snapshot_ && o_.guard.enabled) take_snapshot();  // the state before the first step
+  StepResult r;
+  r.samples = x.size(0);
+  r.lr = lr_at_(steps_) * lr_scale_;
+  set_lr(opt_, r.lr);
+  const int64_t attempt = ++attempts_;
+  const bool inject = o_.inject.active_at(attempt);
+
+  // 1. forward/backward over micro-batches, loss scaled
+  opt_.zero_grad();
+  r.loss = at::zeros({}, at::kDouble);
+  r.correct = at::zeros({}, at::kLong);
+  FaultInjector inj(o_.inject.where, nullptr);
+  const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
+  forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? &inj : nullptr, r.loss, r.correct);
+  r.loss = r.loss / static_cast<double>(r.samples);
+  if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
+    params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+
+  // 2. unscale, 3. non-finite check (gradients and loss), 4. clip
+  std::vector<at::Tensor> grads;
+  grads.reserve(params_.size());
+  for (auto& p : params_) if (p.grad().defined()) grads.push_back(p.grad());
+  at::Tensor found_inf = scaler_.unscale_(grads);
+  found_inf = at::maximum(found_inf, r.loss.isfinite().logical_not().to(at::kFloat));
+  std::vector<at::Tensor> norms;
+  norms.reserve(grads.size());
+  for (auto& g : grads) norms.push_back(g.norm(2).to(at::kFloat));
+  r.grad_norm = norms.empty() ? at::zeros({}, at::kFloat) : at::stack(norms).norm(2);
+  // The step's one host sync: the guard must know whether to apply the update.
+  const bool nonfinite = found_inf.item<float>() > 0;
+  if (!nonfinite) {
+    if (o_.clip_value > 0) for (auto& g : grads) g.clamp_(-o_.clip_value, o_.clip_value);
+    if (o_.clip_norm > 0) {
+      at::Tensor coef = (o_.clip_norm / (r.grad_norm + 1e-6)).clamp_max(1.0);
+      for (auto& g : grads) g.mul_(coef.to(g.device()));
+    }
+    // 5. optimizer step
+    opt_.step();
+  }
+  // 6. scaler update (backs off on a non-finite step, as GradScaler does)
+  scaler_.update(found_inf);
+
+  if (nonfinite) {
+    r.applied = false;
+    r.event = "skip";
+    ++consecutive_skips_;
+    ++skipped_total_;
+    if (!o_.guard.enabled) {
+      throw TrainingDiverged(fmt::format("non-finite loss or gradient at step {} and guard.enabled = false", steps_ + 1));
+    }
+    const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
+    r.message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1, attempt,
+                            std::isfinite(r.loss.item<double>()) ? "gradient" : "loss", where,
+                            scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
+    events_.push_back(r.message);
+    opt_.zero_grad();
+    if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
+      ++rollbacks_;
+      if (rollbacks_ > o_.guard.max_rollbacks) {
+        std::string report = fmt::format(
+            "training diverged: {} rollbacks did not help (guard.max_rollbacks = {}); learning rate already "
+            "scaled by {:.3g}. Guard log:\n",
+            rollbacks_ - 1, o_.guard.max_rollbacks, lr_scale_);
+        for (const auto& e : events_) report += "  " + e + "\n";
+        report += "Try a lower optim.lr, gradient clipping (train.grad_clip_norm), or a longer warm-up.";
+        throw TrainingDiverged(report);
+      }
+      restore_snapshot();
+      lr_scale_ *= o_.guard.lr_factor;
+      consecutive_skips_ = 0;
+      r.event = "rollback";
+      r.message = fmt::format("rollback {} at step {}: {} consecutive skips; restored the state of step {}, learning "
+                              "rate x{:.3g} (now x{:.3g})",
+                              rollbacks_, steps_ + 1, o_.guard.max_consecutive_skips, snapshot_ ? snapshot_->step : 0,
+                              o_.guard.lr_factor, lr_scale_);
+      events_.push_back(r.message);
+    }
+    return r;
+  }
+
+  // 7. counter (the schedule reads it), 8. EMA
+  r.applied = true;
+  consecutive_skips_ = 0;
+  ++steps_;
+  if (ema_) ema_->update(model_);
+  if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ % o_.guard.snapshot_every == 0) take_snapshot();
+  return r;
+}
+
+nlohmann::json StepRunner::state() const {
+  return {{"steps", steps_},         {"attempts", attempts_}, {"consecutive_skips", consecutive_skips_},
+          {"skipped", skipped_total_}, {"rollbacks", rollbacks_},
+          {"lr_scale", lr_scale_},   {"scaler", scaler_.state()}};
+}
+
+void StepRunner::load_state(const nlohmann::json& s) {
+  steps_ = s.at("steps");
+  attempts_ = s.at("attempts");
+  consecutive_skips_ = s.at("consecutive_skips");
+  skipped_total_ = s.at("skipped");
+  rollbacks_ = s.at("rollbacks");
+  lr_scale_ = s.at("lr_scale");
+  scaler_.load_state(s.at("scaler"));
+}
+
+}  // namespace keel::train

@@ -1,0 +1,117 @@
+// The optimizer step, in the one place its order is enforced:
+//   (micro-batches: autocast forward -> scaled loss -> backward) -> unscale -> non-finite check
+//   -> clip -> optimizer step -> scaler update -> step counter / schedule -> EMA
+// plus the non-finite guard (skip, roll back, lower the learning rate, stop with a report).
+#pragma once
+#include <ATen/ATen.h>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/optim/optimizer.h>
+
+#include "keel/models/net.h"
+#include "keel/train/locator.h"
+#include "keel/train/loss_scaler.h"
+
+namespace keel::train {
+
+class Ema;
+
+struct GuardOptions {
+  bool enabled = true;
+  int64_t max_consecutive_skips = 3;  // K: after K skipped steps in a row, roll back
+  int64_t max_rollbacks = 5;          // R: after R rollbacks, stop with a report
+  double lr_factor = 0.5;             // learning rate multiplier applied at each rollback
+  int64_t snapshot_every = 50;        // applied steps between in-memory snapshots
+  bool locate = true;                 // on a skip, re-run the batch instrumented to name the module
+};
+
+struct StepOptions {
+  std::string precision = "fp32";  // fp32 | bf16 | fp16
+  bool channels_last = false;
+  int64_t micro_batch = 0;         // samples per forward/backward; 0 = the whole batch
+  double label_smoothing = 0.0;
+  double clip_norm = 0.0;          // global L2 norm clip; 0 = off
+  double clip_value = 0.0;         // element-wise clip; 0 = off
+  LossScalerOptions scaler;        // enabled decided by the caller (fp16 -> on)
+  GuardOptions guard;
+  InjectOptions inject;
+};
+
+// What one call of StepRunner::run did. Tensors are 0-dim and not read back (no sync) unless
+// the step was skipped (the guard needs to know, which is the step's one host sync).
+struct StepResult {
+  bool applied = false;     // false: skipped (non-finite)
+  at::Tensor loss;          // mean loss over the batch (double)
+  at::Tensor correct;       // top-1 hits (long)
+  at::Tensor grad_norm;     // global gradient norm before clipping (float)
+  int64_t samples = 0;
+  double lr = 0;            // learning rate used
+  std::string event;        // "", "skip", "rollback" — with details in `message`
+  std::string message;
+};
+
+// Thrown when the guard gives up (R rollbacks exhausted); what() is the full report.
+class TrainingDiverged : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Runs optimizer steps on batches. Owns the applied-step counter that the schedule reads, so a
+// skipped step advances neither the schedule, the EMA, nor the counter.
+class StepRunner {
+ public:
+  // lr_at(step) gives the scheduled learning rate for the 0-based applied-step count.
+  StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
+             std::function<double(int64_t)> lr_at, Ema* ema = nullptr);
+
+  // One optimizer step on (x, y): x float (N, C, H, W) already augmented/normalised, y long (N).
+  StepResult run(const at::Tensor& x, const at::Tensor& y);
+
+  int64_t steps() const { return steps_; }          // applied steps so far
+  int64_t attempts() const { return attempts_; }    // run() calls so far (applied + skipped)
+  int64_t skipped() const { return skipped_total_; }
+  int64_t rollbacks() const { return rollbacks_; }
+  double lr_scale() const { return lr_scale_; }      // product of rollback factors
+  const LossScaler& scaler() const { return scaler_; }
+  const std::vector<std::string>& events() const { return events_; }  // guard log, human-readable
+
+  nlohmann::json state() const;  // counters, lr scale, scaler (for checkpoints)
+  void load_state(const nlohmann::json& s);
+
+ private:
+  struct Snapshot {
+    std::vector<at::Tensor> params, buffers;
+    std::string optimizer;
+    nlohmann::json scaler;
+    int64_t step = 0;
+  };
+  // forward + backward over micro-batches; accumulates loss/correct; returns found-nonfinite-loss.
+  void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
+                        at::Tensor& loss_sum, at::Tensor& correct);
+  std::string locate(const at::Tensor& x, const at::Tensor& y);
+  void take_snapshot();
+  void restore_snapshot();
+
+  models::Net& model_;
+  torch::optim::Optimizer& opt_;
+  StepOptions o_;
+  std::function<double(int64_t)> lr_at_;
+  Ema* ema_;
+  LossScaler scaler_;
+  std::vector<at::Tensor> params_;
+  int64_t steps_ = 0, attempts_ = 0, consecutive_skips_ = 0, skipped_total_ = 0, rollbacks_ = 0;
+  double lr_scale_ = 1.0;
+  std::optional<Snapshot> snapshot_;
+  std::vector<std::string> events_;
+};
+
+// Cross-entropy forward of `model` under the precision's autocast (bf16 on CPU); logits fp32.
+at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision);
+
+}  // namespace keel::train
