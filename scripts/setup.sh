@@ -10,6 +10,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   dataset-fashion-mnist
   python3-torch python3-torchvision python3-numpy
+  python3-protobuf python3-crcmod
 )
 
 missing=()
