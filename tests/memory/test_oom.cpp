@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "keel/compat/torch_compat.h"
 #include "keel/memory/cpu_allocator.h"
 #include "keel/memory/oom.h"
 
@@ -63,7 +64,7 @@ TEST(Oom, OutOfMemoryErrorAsCudaThrowsIt) {
   });
   EXPECT_TRUE(km::is_out_of_memory(ep));
   // Recognised by type, whatever the message says.
-  EXPECT_TRUE(km::is_out_of_memory(c10::OutOfMemoryError("anything", "")));
+  EXPECT_TRUE(km::is_out_of_memory(c10::OutOfMemoryError("anything", keel::compat::ErrorBacktrace{})));
 }
 
 TEST(Oom, BadAllocButNotBadArrayNewLength) {
@@ -74,18 +75,18 @@ TEST(Oom, BadAllocButNotBadArrayNewLength) {
 
 TEST(Oom, OriginDecidesForPlainC10Errors) {
   // Caffe2-style (CAFFE_ENFORCE) origin, as LibTorch 1.13 writes it.
-  EXPECT_TRUE(km::is_out_of_memory(c10::Error("../c10/core/impl/alloc_cpu.cpp", 75, "err == 0", kAllocMsg, "")));
+  EXPECT_TRUE(km::is_out_of_memory(c10::Error("../c10/core/impl/alloc_cpu.cpp", 75, "err == 0", kAllocMsg, keel::compat::ErrorBacktrace{})));
   // The same message enforced somewhere else is not an allocator failure.
-  EXPECT_FALSE(km::is_out_of_memory(c10::Error("../aten/src/ATen/native/Foo.cpp", 10, "x", kAllocMsg, "")));
+  EXPECT_FALSE(km::is_out_of_memory(c10::Error("../aten/src/ATen/native/Foo.cpp", 10, "x", kAllocMsg, keel::compat::ErrorBacktrace{})));
   // alloc_cpu's other check (negative size) is a bug, not out of memory.
   EXPECT_FALSE(km::is_out_of_memory(c10::Error("alloc_cpu.cpp", 40, "((ptrdiff_t)nbytes) >= 0",
-                                               "alloc_cpu() seems to have been called with negative number: -1", "")));
+                                               "alloc_cpu() seems to have been called with negative number: -1", keel::compat::ErrorBacktrace{})));
   // TORCH_CHECK-style origin (source location), as LibTorch 2.x records it.
   EXPECT_TRUE(km::is_out_of_memory(c10::Error(c10::SourceLocation{"alloc_cpu", "/build/c10/core/impl/alloc_cpu.cpp", 80}, kAllocMsg)));
   EXPECT_FALSE(km::is_out_of_memory(c10::Error(c10::SourceLocation{"resize", "/build/aten/src/ATen/native/Resize.cpp", 80}, kAllocMsg)));
   // No origin at all: the exact DefaultCPUAllocator prefix is the one fallback.
-  EXPECT_TRUE(km::is_out_of_memory(c10::Error(kAllocMsg, "")));
-  EXPECT_FALSE(km::is_out_of_memory(c10::Error("tensor too big: " + kAllocMsg, "")));
+  EXPECT_TRUE(km::is_out_of_memory(c10::Error(kAllocMsg, keel::compat::ErrorBacktrace{})));
+  EXPECT_FALSE(km::is_out_of_memory(c10::Error("tensor too big: " + kAllocMsg, keel::compat::ErrorBacktrace{})));
 }
 
 TEST(Oom, OtherErrorsAreNotOutOfMemory) {

@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include "keel/memory/cpu_allocator.h"
 #include "keel/models/registry.h"
 #include "keel/train/early_stopping.h"
 #include "keel/train/ema.h"
@@ -136,7 +137,8 @@ TEST(Guard, InjectedNaNInModuleOutputIsLocatedByName) {
   StepResult s = r.run(f.x, f.y);
   EXPECT_FALSE(s.applied);
   EXPECT_THAT(s.message, HasSubstr("forward output of 'layer2.0.conv1'"));
-  // The replay restored BN statistics: the next step is clean and applies.
+  // BatchNorm statistics are restored after the skipped step (and its replay): all finite.
+  for (auto& b : f.model->buffers()) EXPECT_TRUE(b.isfinite().all().item<bool>());
   EXPECT_TRUE(r.run(f.x, f.y).applied);
 }
 
@@ -275,4 +277,64 @@ TEST(EarlyStopping, StopsAtTheRightEpochOnScriptedMetrics) {
   copy.load_state(up.state());
   EXPECT_EQ(copy.best(), 0.6);
   EXPECT_EQ(copy.best_index(), 1);
+}
+
+TEST(OomRecovery, InjectedOomReplaysTheSameSamplesWithHalfTheMicroBatch) {
+  // Eval-mode BatchNorm: no batch dependence, so the recovered run must equal a clean one.
+  Fixture a(7), b(7);
+  a.model->eval();
+  b.model->eval();
+  StepOptions oom;
+  oom.inject.oom_steps = {2};
+  StepRunner ra(*a.model, *a.opt, oom, [](int64_t) { return 0.05; });
+  StepRunner rb(*b.model, *b.opt, StepOptions{}, [](int64_t) { return 0.05; });
+  for (int i = 0; i < 3; ++i) {
+    StepResult s = ra.run(a.x, a.y);
+    EXPECT_TRUE(s.applied);
+    EXPECT_EQ(s.samples, 8);
+    if (i == 1) {
+      ASSERT_EQ(s.notes.size(), 1u);
+      EXPECT_THAT(s.notes[0], HasSubstr("replaying the same 8 samples with micro-batch 4"));
+    }
+    rb.run(b.x, b.y);
+  }
+  EXPECT_EQ(ra.micro_batch(), 4) << "the new micro-batch is kept";
+  EXPECT_EQ(ra.oom_recoveries(), 1);
+  EXPECT_EQ(ra.steps(), 3);
+  auto wa = a.weights(), wb = b.weights();
+  for (size_t i = 0; i < wa.size(); ++i) EXPECT_LT((wa[i] - wb[i]).abs().max().item<double>(), 1e-5) << i;
+}
+
+TEST(OomRecovery, RealBudgetOomShrinksMicroBatchAndLeaksNothing) {
+  namespace mem = keel::memory;
+  mem::install_cpu_allocator();
+  mem::set_cpu_budget(std::nullopt);
+  Fixture f(11);
+  at::Tensor x = at::randn({64, 1, 28, 28}), y = at::randint(0, 10, {64}, at::kLong);
+  auto peak_of = [&](int64_t micro) {
+    Fixture g(11);
+    StepOptions o;
+    o.micro_batch = micro;
+    StepRunner r(*g.model, *g.opt, o, [](int64_t) { return 0.01; });
+    r.run(x, y);  // optimizer state allocated
+    const int64_t base = mem::cpu_stats().current;
+    mem::reset_peak();
+    r.run(x, y);
+    return mem::cpu_stats().peak - base;
+  };
+  const int64_t p64 = peak_of(64), p8 = peak_of(8);
+  ASSERT_GT(p64, p8 * 2) << "activations dominate a step's memory";
+  StepOptions o;
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.01; });
+  r.run(x, y);
+  const int64_t base = mem::cpu_stats().current;
+  mem::set_cpu_budget(base + (p64 + p8) / 2);
+  StepResult s = r.run(x, y);
+  const int64_t after = mem::cpu_stats().current;
+  mem::set_cpu_budget(std::nullopt);
+  EXPECT_TRUE(s.applied);
+  EXPECT_GE(r.oom_recoveries(), 1);
+  EXPECT_LT(r.micro_batch(), 64);
+  EXPECT_GE(r.micro_batch(), 8);
+  EXPECT_LE(after, base + 4096) << "nothing of the failed attempts stays allocated";
 }

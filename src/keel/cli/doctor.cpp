@@ -16,24 +16,11 @@
 #include "keel/cli/commands.h"
 #include "keel/compat/torch_compat.h"
 #include "keel/config/config.h"
+#include "keel/monitor/device_peak.h"
 #include "keel/train/trainer.h"
 
 namespace keel::cli {
 namespace {
-
-// Median GFLOP/s of an n x n x n matmul in `dtype`.
-double gemm_gflops(int64_t n, at::ScalarType dtype, int reps = 7) {
-  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
-  at::Tensor c = at::mm(a, b);  // warm-up (thread pool, packing buffers)
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    c = at::mm(a, b);
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return 2.0 * n * n * n / t[t.size() / 2] / 1e9;
-}
 
 // The BLAS shared object actually mapped into this process (resolves Debian's alternatives).
 std::string loaded_blas() {
@@ -51,15 +38,6 @@ std::string loaded_blas() {
     }
   }
   return "";
-}
-
-bool cpu_flag(const std::string& flag) {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("flags", 0) == 0) return (" " + line + " ").find(" " + flag + " ") != std::string::npos;
-  }
-  return false;
 }
 
 }  // namespace
@@ -87,7 +65,7 @@ Runner add_doctor(CLI::App& app) {
     r["threads"] = threads;
 
     const std::string blas = loaded_blas();
-    const double fp32 = gemm_gflops(1024, at::kFloat);
+    const double fp32 = monitor::measure_gemm_gflops(1024, at::kFloat);
     // An optimised BLAS reaches tens of GFLOP/s per AVX2 core; the reference BLAS ~2-4.
     const bool optimized = fp32 > 15.0 * threads;
     fmt::print("fp32 GEMM       {:.1f} GFLOP/s (1024^3 matmul, median of 7) via {}: {}\n", fp32,
@@ -106,10 +84,10 @@ Runner add_doctor(CLI::App& app) {
     fmt::print("oneDNN          {}\n", onednn ? "available (convolutions, channels_last)" : "not available");
     r["onednn"] = onednn;
 
-    const bool avx512_bf16 = cpu_flag("avx512_bf16"), amx = cpu_flag("amx_bf16");
+    const bool avx512_bf16 = monitor::cpu_has_flag("avx512_bf16"), amx = monitor::cpu_has_flag("amx_bf16");
     double bf16 = 0;
     try {
-      bf16 = gemm_gflops(1024, at::kBFloat16);
+      bf16 = monitor::measure_gemm_gflops(1024, at::kBFloat16);
     } catch (const std::exception&) {
     }
     fmt::print("bf16            CPU {}{}; bf16 GEMM {:.1f} GFLOP/s ({:.2f}x fp32)\n",

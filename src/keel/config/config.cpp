@@ -12,6 +12,8 @@
 
 #include <toml++/toml.h>
 
+#include "keel/memory/budget.h"
+
 namespace keel::config {
 namespace {
 
@@ -295,7 +297,23 @@ const std::vector<Field>& schema() {
         "EMA decay per applied optimizer step.", "(0, 1)", [](const double& v) {
           return (v > 0 && v < 1) ? "" : "a number in (0, 1)";
         }));
+    // memory
+    f.push_back(make_field<C::Memory, std::string>("memory.budget", &C::memory, &C::Memory::budget,
+        "Memory the run may allocate: bytes with a unit (`\"3GiB\"`, `\"512MiB\"`, `\"1.5GB\"`) or a fraction of "
+        "the device's memory (`\"0.8\"`, `\"80%\"`); empty = no budget. On CPU it is enforced by keel's allocator, "
+        "which throws the same out-of-memory error a GPU would.", "empty or a size", nullptr));
+    f.push_back(make_field<C::Memory, bool>("memory.oom_recovery", &C::memory, &C::Memory::oom_recovery,
+        "On out-of-memory in forward/backward: free the partial step, halve train.micro_batch (doubling the "
+        "accumulation steps) and replay the same samples; the effective batch never changes.", "", nullptr));
     // debug
+    f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_oom_steps", &C::debug,
+        &C::Debug::inject_oom_steps,
+        "Fault injection: the step attempts with these 1-based numbers throw an out-of-memory error in their first "
+        "forward (once each), to see the recovery work.", "positive integers",
+        [](const std::vector<int64_t>& v) -> std::string {
+          for (auto x : v) if (x < 1) return "positive step numbers";
+          return "";
+        }));
     f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_nonfinite.steps", &C::debug,
         &C::Debug::inject_steps,
         "Fault injection: make the step attempts with these 1-based numbers (the Nth batch offered to the optimizer step, skipped ones counted) non-finite, to see the guard work. Written "
@@ -467,6 +485,14 @@ void validate(const Config& c, const std::string& file) {
   };
   channels_ok(c.data.mean, "data.mean");
   channels_ok(c.data.std, "data.std");
+  if (!c.memory.budget.empty()) {
+    // Parsed here so that a bad budget is a config error naming the key.
+    try {
+      memory::parse_cpu_budget(c.memory.budget);
+    } catch (const std::exception& e) {
+      throw ConfigError(where + ": key 'memory.budget' = \"" + c.memory.budget + "\": " + e.what());
+    }
+  }
   if (c.train.micro_batch > 0 && c.train.batch_size % c.train.micro_batch != 0) {
     throw ConfigError(where + ": key 'train.micro_batch' = " + std::to_string(c.train.micro_batch) +
                       " must divide train.batch_size = " + std::to_string(c.train.batch_size));

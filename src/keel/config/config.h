@@ -95,7 +95,12 @@ struct Config {
     bool enabled = false;
     double decay = 0.999;
   } ema;
+  struct Memory {
+    std::string budget;        // "" = none; "3GiB", "512MiB", "0.8", "80%"
+    bool oom_recovery = true;  // halve the micro-batch and replay on out-of-memory
+  } memory;
   struct Debug {
+    std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
     std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
     std::string inject_where = "loss";     // debug.inject_nonfinite.where
   } debug;

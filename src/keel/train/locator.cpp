@@ -2,6 +2,7 @@
 #include "keel/train/locator.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fmt/format.h>
 #include <limits>
 
@@ -20,8 +21,9 @@ std::pair<double, double> finite_abs_range(const at::Tensor& t) {
 }  // namespace
 
 std::string Location::str() const {
-  return fmt::format("{} of '{}' (finite |x| in [{:.3g}, {:.3g}])", phase == "loss" ? "loss" : phase + " output",
-                     module, abs_min, abs_max);
+  const std::string range = std::isnan(abs_min) ? "no finite values"
+                                                : fmt::format("finite |x| in [{:.3g}, {:.3g}]", abs_min, abs_max);
+  return fmt::format("{} of '{}' ({})", phase == "loss" ? "loss" : phase + " output", module, range);
 }
 
 at::Tensor NonFiniteLocator::on_output(const std::string& module, const at::Tensor& out) {

@@ -1,12 +1,15 @@
 // StepRunner: the ordered optimizer step and the non-finite guard.
 #include "keel/train/step.h"
 
+#include <algorithm>
 #include <fmt/format.h>
 #include <limits>
 #include <sstream>
 #include <torch/torch.h>
 
 #include "keel/compat/torch_compat.h"
+#include "keel/memory/cpu_allocator.h"
+#include "keel/memory/oom.h"
 #include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
 
@@ -25,8 +28,9 @@ at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::st
 }
 
 StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
-                       std::function<double(int64_t)> lr_at, Ema* ema)
-    : model_(model), opt_(opt), o_(std::move(o)), lr_at_(std::move(lr_at)), ema_(ema), scaler_(o_.scaler) {
+                       std::function<double(int64_t)> lr_at, Ema* ema, monitor::StepTimer* timer)
+    : model_(model), opt_(opt), o_(std::move(o)), lr_at_(std::move(lr_at)), ema_(ema), timer_(timer),
+      scaler_(o_.scaler) {
   for (auto& p : model_.parameters()) if (p.requires_grad()) params_.push_back(p);
 }
 
@@ -38,13 +42,21 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
   for (int64_t start = 0; start < n; start += mb) {
     const int64_t len = std::min(mb, n - start);
     at::Tensor xm = x.narrow(0, start, len), ym = y.narrow(0, start, len);  // (m, C, H, W), (m)
+    if (start == 0 && o_.inject.oom_steps.size() && std::count(o_.inject.oom_steps.begin(), o_.inject.oom_steps.end(), attempts_) &&
+        !std::count(oom_injected_.begin(), oom_injected_.end(), attempts_)) {
+      oom_injected_.push_back(attempts_);
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "injected out-of-memory (debug.inject_oom_steps) at attempt ",
+                       attempts_);
+    }
     at::Tensor logits = forward_logits(model_, xm, o_.precision);          // (m, K)
     at::Tensor loss = at::cross_entropy_loss(logits, ym, {}, at::Reduction::Mean, -100, o_.label_smoothing);
     if (inject_loss) loss = loss + std::numeric_limits<float>::quiet_NaN();
+    if (timer_) timer_->mark(monitor::Phase::kForward);
     // Each micro-batch's mean loss is weighted by its share, so the summed gradient equals the
     // full batch's mean-loss gradient.
     const double share = static_cast<double>(len) / static_cast<double>(n);
     scaler_.scale(loss * share).backward();
+    if (timer_) timer_->mark(monitor::Phase::kBackward);
     loss_sum += loss.detach().to(at::kDouble) * len;
     correct += logits.detach().argmax(1).eq(ym).sum();
   }
@@ -123,13 +135,49 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   const int64_t attempt = ++attempts_;
   const bool inject = o_.inject.active_at(attempt);
 
-  // 1. forward/backward over micro-batches, loss scaled
+  // 1. forward/backward over micro-batches, loss scaled. Buffers (BatchNorm statistics) are
+  // copied first: a non-finite forward would otherwise poison them even though the step is skipped.
+  std::vector<at::Tensor> buffers_before;
+  for (auto& b : model_.buffers()) buffers_before.push_back(b.detach().clone());
   opt_.zero_grad();
   r.loss = at::zeros({}, at::kDouble);
   r.correct = at::zeros({}, at::kLong);
   FaultInjector inj(o_.inject.where, nullptr);
   const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
-  forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? &inj : nullptr, r.loss, r.correct);
+  // Out-of-memory recovery: the failed attempt's tensors are released when its frames unwind;
+  // the exception is inspected and dropped inside the catch, so nothing keeps them alive. Then
+  // the partial gradients are freed, the micro-batch halves and the same samples are replayed.
+  for (;;) {
+    std::string oom_message;
+    try {
+      forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? &inj : nullptr, r.loss, r.correct);
+      break;
+    } catch (const std::exception& e) {
+      if (!o_.oom_recovery || !memory::is_out_of_memory(e)) throw;
+      oom_message = e.what();
+      oom_message = oom_message.substr(0, oom_message.find('\n'));
+    }
+    for (auto& p : params_) p.mutable_grad() = at::Tensor();
+    r.loss.zero_();
+    r.correct.zero_();
+    const int64_t n = x.size(0);
+    const int64_t current = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
+    if (current <= 1) {
+      const auto st = memory::cpu_stats();
+      throw std::runtime_error(fmt::format(
+          "out of memory at micro-batch 1 (step {}): {}. Tried micro-batches down from {}; peak memory {} "
+          "bytes{}. Lower the image size or model, raise memory.budget, or use train.precision = \"bf16\".",
+          steps_ + 1, oom_message, n, st.peak, st.budget >= 0 ? fmt::format(", budget {} bytes", st.budget) : ""));
+    }
+    o_.micro_batch = current / 2;
+    ++oom_recoveries_;
+    const std::string note = fmt::format(
+        "out of memory at step {} with micro-batch {} ({}); replaying the same {} samples with micro-batch {} "
+        "({} accumulation steps)", steps_ + 1, current, oom_message, n, o_.micro_batch,
+        (n + o_.micro_batch - 1) / o_.micro_batch);
+    events_.push_back(note);
+    r.notes.push_back(note);
+  }
   r.loss = r.loss / static_cast<double>(r.samples);
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
     params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
@@ -156,10 +204,16 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     // 5. optimizer step
     opt_.step();
   }
+  if (timer_) timer_->mark(monitor::Phase::kOptimizer);
   // 6. scaler update (backs off on a non-finite step, as GradScaler does)
   scaler_.update(found_inf);
 
   if (nonfinite) {
+    {
+      torch::NoGradGuard ng;
+      auto bufs = model_.buffers();
+      for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(buffers_before[i]);
+    }
     r.applied = false;
     r.event = "skip";
     ++consecutive_skips_;
@@ -202,6 +256,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   consecutive_skips_ = 0;
   ++steps_;
   if (ema_) ema_->update(model_);
+  if (timer_) timer_->mark(monitor::Phase::kOptimizer);
   if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ % o_.guard.snapshot_every == 0) take_snapshot();
   return r;
 }
@@ -209,7 +264,8 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
 nlohmann::json StepRunner::state() const {
   return {{"steps", steps_},         {"attempts", attempts_}, {"consecutive_skips", consecutive_skips_},
           {"skipped", skipped_total_}, {"rollbacks", rollbacks_},
-          {"lr_scale", lr_scale_},   {"scaler", scaler_.state()}};
+          {"lr_scale", lr_scale_},   {"scaler", scaler_.state()},
+          {"micro_batch", o_.micro_batch}, {"oom_recoveries", oom_recoveries_}};
 }
 
 void StepRunner::load_state(const nlohmann::json& s) {
@@ -219,6 +275,8 @@ void StepRunner::load_state(const nlohmann::json& s) {
   skipped_total_ = s.at("skipped");
   rollbacks_ = s.at("rollbacks");
   lr_scale_ = s.at("lr_scale");
+  o_.micro_batch = s.at("micro_batch");
+  oom_recoveries_ = s.at("oom_recoveries");
   scaler_.load_state(s.at("scaler"));
 }
 

@@ -15,6 +15,7 @@
 #include <torch/optim/optimizer.h>
 
 #include "keel/models/net.h"
+#include "keel/monitor/step_timer.h"
 #include "keel/train/locator.h"
 #include "keel/train/loss_scaler.h"
 
@@ -35,6 +36,7 @@ struct StepOptions {
   std::string precision = "fp32";  // fp32 | bf16 | fp16
   bool channels_last = false;
   int64_t micro_batch = 0;         // samples per forward/backward; 0 = the whole batch
+  bool oom_recovery = true;        // on out-of-memory: halve the micro-batch and replay the batch
   double label_smoothing = 0.0;
   double clip_norm = 0.0;          // global L2 norm clip; 0 = off
   double clip_value = 0.0;         // element-wise clip; 0 = off
@@ -53,6 +55,7 @@ struct StepResult {
   int64_t samples = 0;
   double lr = 0;            // learning rate used
   std::string event;        // "", "skip", "rollback" — with details in `message`
+  std::vector<std::string> notes;  // e.g. an out-of-memory recovery during this step
   std::string message;
 };
 
@@ -68,7 +71,8 @@ class StepRunner {
  public:
   // lr_at(step) gives the scheduled learning rate for the 0-based applied-step count.
   StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
-             std::function<double(int64_t)> lr_at, Ema* ema = nullptr);
+             std::function<double(int64_t)> lr_at, Ema* ema = nullptr,
+             monitor::StepTimer* timer = nullptr);
 
   // One optimizer step on (x, y): x float (N, C, H, W) already augmented/normalised, y long (N).
   StepResult run(const at::Tensor& x, const at::Tensor& y);
@@ -78,6 +82,8 @@ class StepRunner {
   int64_t skipped() const { return skipped_total_; }
   int64_t rollbacks() const { return rollbacks_; }
   double lr_scale() const { return lr_scale_; }      // product of rollback factors
+  int64_t micro_batch() const { return o_.micro_batch; }  // resolved (shrinks after an OOM); 0 = whole batch
+  int64_t oom_recoveries() const { return oom_recoveries_; }
   const LossScaler& scaler() const { return scaler_; }
   const std::vector<std::string>& events() const { return events_; }  // guard log, human-readable
 
@@ -103,8 +109,11 @@ class StepRunner {
   StepOptions o_;
   std::function<double(int64_t)> lr_at_;
   Ema* ema_;
+  monitor::StepTimer* timer_;
   LossScaler scaler_;
   std::vector<at::Tensor> params_;
+  int64_t oom_recoveries_ = 0;
+  std::vector<int64_t> oom_injected_;
   int64_t steps_ = 0, attempts_ = 0, consecutive_skips_ = 0, skipped_total_ = 0, rollbacks_ = 0;
   double lr_scale_ = 1.0;
   std::optional<Snapshot> snapshot_;

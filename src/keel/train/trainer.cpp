@@ -16,7 +16,12 @@
 #include "keel/data/subset.h"
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
-#include "keel/monitor/metrics_log.h"
+#include "keel/memory/budget.h"
+#include "keel/memory/cpu_allocator.h"
+#include "keel/monitor/bottleneck.h"
+#include "keel/monitor/device_peak.h"
+#include "keel/monitor/progress.h"
+#include "keel/monitor/run_logger.h"
 #include "keel/train/early_stopping.h"
 #include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
@@ -99,7 +104,9 @@ nlohmann::json FitResult::to_json() const {
           {"data_wait_share", data_wait_share}, {"run_dir", run_dir},
           {"checkpoint", checkpoint},  {"skipped_steps", skipped_steps},
           {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
-          {"best_epoch", best_epoch},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
+          {"best_epoch", best_epoch},  {"oom_recoveries", oom_recoveries},
+          {"micro_batch", micro_batch}, {"peak_memory_bytes", peak_memory_bytes},
+          {"advice", advice},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
 }
 
 int configure_threads(int64_t requested) {
@@ -202,23 +209,45 @@ Trainer::~Trainer() = default;
 FitResult Trainer::fit() {
   const auto t_fit = Clock::now();
   const int threads = configure_threads(cfg_.run.threads);
+  // CPU memory accounting (and the budget, when set) for every allocation of the run.
+  memory::install_cpu_allocator();
+  if (!cfg_.memory.budget.empty()) {
+    memory::set_cpu_budget(memory::parse_cpu_budget(cfg_.memory.budget).bytes);
+  } else {
+    memory::set_cpu_budget(std::nullopt);
+  }
+  memory::reset_peak();
   data::Loader train_loader(train_set_, loader_options(cfg_, true));
   data::Loader test_loader(test_set_, loader_options(cfg_, false));
   data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
-  monitor::MetricsLog log(run_dir_ + "/metrics.jsonl");
+  monitor::RunLogger log(run_dir_);
 
   const int64_t per_epoch = train_loader.batches_per_epoch();
   int64_t total_steps = per_epoch * cfg_.train.epochs;
   if (cfg_.train.max_steps > 0) total_steps = std::min(total_steps, cfg_.train.max_steps);
   const int64_t epochs = (total_steps + per_epoch - 1) / per_epoch;
   const auto& tc = cfg_.train;
+  const auto shape = train_set_->shape();
+  // Utilisation: model FLOPs (forward x 3 for forward + backward) against the measured GEMM peak.
+  const double flops_per_image = 3.0 * 2.0 * model_->macs_per_image(shape.height, shape.width);
+  const double peak_gflops = monitor::measure_gemm_gflops(
+      512, tc.precision == "bf16" && monitor::cpu_supports_bf16() ? at::kBFloat16 : at::kFloat, 5);
   fmt::print("keel: {} on {} ({} train / {} test images, {}x{}x{}), {} threads, {} loader workers\n",
-             cfg_.model.name, cfg_.data.dataset, train_set_->size(), test_set_->size(),
-             train_set_->shape().channels, train_set_->shape().height, train_set_->shape().width, threads,
-             train_loader.options().workers());
-  fmt::print("keel: {} epochs x {} steps of batch {} ({} steps), {} lr {} ({}), precision {}{}\n", epochs,
-             per_epoch, tc.batch_size, total_steps, cfg_.optim.name, cfg_.optim.lr, cfg_.schedule.name,
-             tc.precision, tc.channels_last ? ", channels_last" : "");
+             cfg_.model.name, cfg_.data.dataset, train_set_->size(), test_set_->size(), shape.channels, shape.height,
+             shape.width, threads, train_loader.options().workers());
+  fmt::print("keel: {} epochs x {} steps of batch {}{} ({} steps), {} lr {} ({}), precision {}{}\n", epochs,
+             per_epoch, tc.batch_size,
+             tc.micro_batch > 0 ? fmt::format(" = {} x micro-batch {}", tc.batch_size / tc.micro_batch, tc.micro_batch)
+                                : std::string(),
+             total_steps, cfg_.optim.name, cfg_.optim.lr, cfg_.schedule.name, tc.precision,
+             tc.channels_last ? ", channels_last" : "");
+  if (!cfg_.memory.budget.empty()) {
+    fmt::print("keel: memory budget {} ({})\n", cfg_.memory.budget,
+               memory::format_bytes(*memory::cpu_budget()));
+  }
+  if (train_loader.dropped_samples() > 0) {
+    fmt::print("keel: drop_last drops {} samples per epoch\n", train_loader.dropped_samples());
+  }
   fmt::print("keel: run directory {}\n", run_dir_);
   std::fflush(stdout);
 
@@ -226,6 +255,7 @@ FitResult Trainer::fit() {
   so.precision = tc.precision;
   so.channels_last = tc.channels_last;
   so.micro_batch = tc.micro_batch;
+  so.oom_recovery = cfg_.memory.oom_recovery;
   so.label_smoothing = tc.label_smoothing;
   so.clip_norm = tc.grad_clip_norm;
   so.clip_value = tc.grad_clip_value;
@@ -242,6 +272,7 @@ FitResult Trainer::fit() {
   so.guard.locate = cfg_.guard.locate;
   so.inject.steps = cfg_.debug.inject_steps;
   so.inject.where = cfg_.debug.inject_where;
+  so.inject.oom_steps = cfg_.debug.inject_oom_steps;
 
   std::unique_ptr<Ema> ema;
   if (cfg_.ema.enabled) {
@@ -250,8 +281,9 @@ FitResult Trainer::fit() {
     ema = std::make_unique<Ema>(shadow, *model_, cfg_.ema.decay);
   }
   const double peak_lr = cfg_.optim.lr;
+  monitor::StepTimer timer;
   StepRunner runner(*model_, *optimizer_, so,
-                    [&](int64_t s) { return peak_lr * lr_factor(schedule_, s, total_steps); }, ema.get());
+                    [&](int64_t s) { return peak_lr * lr_factor(schedule_, s, total_steps); }, ema.get(), &timer);
 
   std::optional<EarlyStopping> stopper;
   std::vector<at::Tensor> best_weights;
@@ -264,31 +296,59 @@ FitResult Trainer::fit() {
     stopper.emplace(eo);
   }
 
+  // Advice from the measured breakdown (see docs/monitoring.md).
+  auto advise = [&](const monitor::StepStats& st) {
+    monitor::Measurements m = monitor::Measurements::from(st);
+    m.data_workers = static_cast<int>(train_loader.options().workers());
+    if (peak_gflops > 0 && flops_per_image > 0) {
+      m.utilisation = st.images_per_second() * flops_per_image / (peak_gflops * 1e9);
+    }
+    const auto mem = memory::cpu_stats();
+    m.peak_memory_bytes = mem.peak;
+    if (mem.budget > 0) m.memory_budget_bytes = mem.budget;
+    m.precision = tc.precision;
+    m.cpu_supports_bf16 = monitor::cpu_supports_bf16();
+    m.channels_last = tc.channels_last;
+    m.conv_model = true;
+    return monitor::diagnose(m);
+  };
+
   FitResult res;
   res.run_dir = run_dir_;
-  double train_seconds = 0, wait_seconds = 0;
-  int64_t images = 0;
+  double train_seconds = 0;
   bool stop = false;
+  monitor::Progress progress(total_steps, cfg_.model.name,
+                             monitor::ProgressOptions().set_line_every(tc.log_every).set_out(stdout));
   for (int64_t epoch = 0; epoch < epochs && runner.steps() < total_steps && !stop; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
     const auto t_epoch = Clock::now();
     at::Tensor loss_sum = at::zeros({}, at::kDouble), correct = at::zeros({}, at::kLong);
-    int64_t seen = 0, window_steps = 0, window_images = 0;
-    auto t_window = Clock::now();
+    int64_t seen = 0, window_steps = 0;
     at::Tensor window_loss = at::zeros({}, at::kDouble), last_norm = at::zeros({}, at::kFloat);
     double lr = 0;
     while (runner.steps() < total_steps) {
+      timer.begin_step();
       auto b = train_loader.next();
-      if (!b) break;
-      wait_seconds += train_loader.last_wait_seconds();
+      timer.mark(monitor::Phase::kDataWait);
+      if (!b) {
+        timer.end_step(0);
+        break;
+      }
+      // CPU training: the batch is already where it computes; the CUDA copy would be timed here.
+      timer.mark(monitor::Phase::kH2D);
       at::Tensor x = to_layout(aug.train(b->images), tc.channels_last);  // (N, C, H, W) float
+      timer.mark(monitor::Phase::kOther);
       StepResult r = runner.run(x, b->labels);
-      images += r.samples;
       lr = r.lr;
+      for (const auto& note : r.notes) {
+        progress.message("memory: " + note);
+        log.event({{"event", "oom_recovery"}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", note}});
+      }
       if (!r.applied) {
-        fmt::print("guard: {}\n", r.message);
-        log.write({{"event", r.event}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", r.message}});
+        timer.end_step(r.samples);
+        progress.message("guard: " + r.message);
+        log.event({{"event", r.event}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", r.message}});
         continue;
       }
       loss_sum += r.loss * static_cast<double>(r.samples);
@@ -297,48 +357,82 @@ FitResult Trainer::fit() {
       last_norm = r.grad_norm;
       seen += r.samples;
       ++window_steps;
-      window_images += r.samples;
       const int64_t step = runner.steps();
-      if (step % tc.log_every == 0 || step == total_steps) {
+      const bool log_now = step % tc.log_every == 0 || step == total_steps;
+      monitor::ProgressStats ps;
+      if (log_now) {
         // The one host read-back of the logging interval.
-        const double window_t = since(t_window);
+        timer.end_step(r.samples);
+        const monitor::StepStats w = timer.take_window();
         const double wl = window_loss.item<double>() / static_cast<double>(window_steps);
-        const double ips = static_cast<double>(window_images) / std::max(window_t, 1e-9);
         const double gn = last_norm.item<double>();
-        fmt::print("epoch {}/{} step {}/{} loss {:.4f} lr {:.4g} grad-norm {:.3g} {:.0f} img/s\n", epoch + 1, epochs,
-                   step, total_steps, wl, lr, gn, ips);
-        std::fflush(stdout);
-        nlohmann::json rec = {{"event", "step"}, {"epoch", epoch + 1}, {"step", step}, {"loss", wl}, {"lr", lr},
-                              {"grad_norm", gn}, {"images_per_second", ips}};
-        if (runner.scaler().enabled()) rec["loss_scale"] = runner.scaler().scale_value();
-        log.write(rec);
+        const auto mem = memory::cpu_stats();
+        monitor::RunLogger::Scalars vals = {{"loss", wl}, {"lr", lr}, {"grad_norm", gn},
+                                            {"images_per_second", w.images_per_second()},
+                                            {"step_seconds", w.mean_step_seconds()}};
+        for (int ph = 0; ph < monitor::kNumPhases; ++ph) {
+          vals.emplace_back(std::string(monitor::phase_name(static_cast<monitor::Phase>(ph))) + "_share",
+                            w.share(static_cast<monitor::Phase>(ph)));
+        }
+        vals.emplace_back("utilisation",
+                          peak_gflops > 0 ? w.images_per_second() * flops_per_image / (peak_gflops * 1e9) : 0.0);
+        vals.emplace_back("memory_current_bytes", static_cast<double>(mem.current));
+        vals.emplace_back("memory_peak_bytes", static_cast<double>(mem.peak));
+        vals.emplace_back("rss_bytes", static_cast<double>(memory::process_rss_bytes()));
+        vals.emplace_back("loss_scale", runner.scaler().enabled() ? runner.scaler().scale_value() : 1.0);
+        vals.emplace_back("micro_batch", static_cast<double>(runner.micro_batch() > 0 ? runner.micro_batch()
+                                                                                      : tc.batch_size));
+        log.step(step, epoch + 1, vals);
+        ps.loss = wl;
+        ps.lr = lr;
+        ps.images_per_second = w.images_per_second();
         window_loss.zero_();
-        window_steps = window_images = 0;
-        t_window = Clock::now();
+        window_steps = 0;
+      } else {
+        timer.end_step(r.samples);
       }
+      progress.update(step, ps);
     }
     train_loader.stop();
     const double epoch_seconds = since(t_epoch);
     train_seconds += epoch_seconds;
+    const monitor::StepStats est = timer.take_epoch();
     res.train_loss = seen ? loss_sum.item<double>() / seen : 0.0;
     res.train_top1 = seen ? static_cast<double>(correct.item<int64_t>()) / seen : 0.0;
 
     res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
-    fmt::print("epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}%\n",
-               epoch + 1, epochs, epoch_seconds, res.train_loss, 100 * res.train_top1, res.test.loss,
-               100 * res.test.top1, 100 * res.test.top5);
-    nlohmann::json rec = {{"event", "epoch"}, {"epoch", epoch + 1}, {"step", runner.steps()},
-                          {"train_loss", res.train_loss}, {"train_top1", res.train_top1},
-                          {"seconds", epoch_seconds}, {"test", res.test.to_json()},
-                          {"skipped_steps", runner.skipped()}, {"rollbacks", runner.rollbacks()}};
+    const auto mem = memory::cpu_stats();
+    progress.message(fmt::format(
+        "epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}% | "
+        "{:.0f} img/s, data wait {:.1f}%, peak memory {}",
+        epoch + 1, epochs, epoch_seconds, res.train_loss, 100 * res.train_top1, res.test.loss, 100 * res.test.top1,
+        100 * res.test.top5, est.images_per_second(), 100 * est.share(monitor::Phase::kDataWait),
+        memory::format_bytes(mem.peak)));
+    nlohmann::json extra = {{"test", res.test.to_json()}, {"skipped_steps", runner.skipped()},
+                            {"rollbacks", runner.rollbacks()}, {"oom_recoveries", runner.oom_recoveries()}};
+    std::vector<std::string> advice;
+    for (const auto& a : advise(est)) {
+      advice.push_back(a.text);
+      progress.message("advice: " + a.text);
+    }
+    extra["advice"] = advice;
+    monitor::RunLogger::Scalars evals = {{"train_loss", res.train_loss},     {"train_top1", res.train_top1},
+                                         {"test_loss", res.test.loss},       {"test_top1", res.test.top1},
+                                         {"test_top5", res.test.top5},       {"seconds", epoch_seconds},
+                                         {"images_per_second", est.images_per_second()},
+                                         {"memory_peak_bytes", static_cast<double>(mem.peak)}};
+    for (int ph = 0; ph < monitor::kNumPhases; ++ph) {
+      evals.emplace_back(std::string(monitor::phase_name(static_cast<monitor::Phase>(ph))) + "_share",
+                         est.share(static_cast<monitor::Phase>(ph)));
+    }
     if (ema) {
       EvalResult e = evaluate(ema->model(), test_loader, aug, tc.channels_last, tc.precision);
-      fmt::print("epoch {}/{} EMA: test loss {:.4f} top1 {:.2f}%\n", epoch + 1, epochs, e.loss, 100 * e.top1);
-      rec["ema_test"] = e.to_json();
+      progress.message(fmt::format("epoch {}/{} EMA: test loss {:.4f} top1 {:.2f}%", epoch + 1, epochs, e.loss,
+                                   100 * e.top1));
+      extra["ema_test"] = e.to_json();
       res.ema_test = e;
     }
-    std::fflush(stdout);
-    log.write(rec);
+    log.epoch(runner.steps(), epoch + 1, evals, extra);
     res.epochs = epoch + 1;
     if (stopper) {
       const std::string& m = cfg_.early_stop.monitor;
@@ -349,28 +443,36 @@ FitResult Trainer::fit() {
         res.best_epoch = epoch + 1;
       }
       if (stop) {
-        fmt::print("early stop: {} has not improved for {} epochs (best {:.4f} at epoch {})\n", m,
-                   cfg_.early_stop.patience, stopper->best(), res.best_epoch);
-        log.write({{"event", "early_stop"}, {"epoch", epoch + 1}, {"monitor", m}, {"best", stopper->best()},
+        progress.message(fmt::format("early stop: {} has not improved for {} epochs (best {:.4f} at epoch {})", m,
+                                     cfg_.early_stop.patience, stopper->best(), res.best_epoch));
+        log.event({{"event", "early_stop"}, {"epoch", epoch + 1}, {"monitor", m}, {"best", stopper->best()},
                    {"best_epoch", res.best_epoch}});
         res.early_stopped = true;
       }
     }
   }
+  progress.finish();
   if (stopper && cfg_.early_stop.restore_best && !best_weights.empty() && res.best_epoch != res.epochs) {
     restore_weights(*model_, best_weights);
     res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
     fmt::print("restored the weights of epoch {}: test loss {:.4f} top1 {:.2f}%\n", res.best_epoch, res.test.loss,
                100 * res.test.top1);
   }
+  const monitor::StepStats run_stats = timer.run();
+  for (const auto& a : advise(run_stats)) {
+    res.advice.push_back(a.text);
+    fmt::print("advice: {}\n", a.text);
+  }
   res.skipped_steps = runner.skipped();
   res.rollbacks = runner.rollbacks();
+  res.oom_recoveries = runner.oom_recoveries();
+  res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size;
   res.guard_events = runner.events();
-  const int64_t step = runner.steps();
-  res.steps = step;
+  res.steps = runner.steps();
   res.train_seconds = train_seconds;
-  res.images_per_second = train_seconds > 0 ? images / train_seconds : 0.0;
-  res.data_wait_share = train_seconds > 0 ? wait_seconds / train_seconds : 0.0;
+  res.images_per_second = run_stats.images_per_second();
+  res.data_wait_share = run_stats.share(monitor::Phase::kDataWait);
+  res.peak_memory_bytes = memory::cpu_stats().peak;
 
   if (cfg_.checkpoint.save_final) {
     const std::string dir = run_dir_ + "/checkpoints";
@@ -380,7 +482,7 @@ FitResult Trainer::fit() {
     util::atomic_write_file(dir + "/final.toml", config::to_toml(cfg_));
   }
   res.wall_seconds = since(t_fit);
-  log.write({{"event", "final"}, {"summary", res.to_json()}});
+  log.event({{"event", "final"}, {"summary", res.to_json()}});
   return res;
 }
 

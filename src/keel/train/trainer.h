@@ -43,6 +43,10 @@ struct FitResult {
   std::string checkpoint;        // final weights, or empty
   int64_t skipped_steps = 0;     // non-finite steps the guard skipped
   int64_t rollbacks = 0;
+  int64_t oom_recoveries = 0;    // out-of-memory errors recovered by shrinking the micro-batch
+  int64_t micro_batch = 0;       // resolved micro-batch at the end of the run
+  int64_t peak_memory_bytes = 0; // peak CPU bytes allocated (keel's allocator)
+  std::vector<std::string> advice;  // bottleneck diagnosis of the whole run
   std::vector<std::string> guard_events;
   bool early_stopped = false;
   int64_t best_epoch = 0;        // with early stopping: the epoch whose weights were kept
