@@ -20,6 +20,7 @@ int main_entry(int argc, char** argv) {
   add(add_eval);
   add(add_doctor);
   add(add_config);
+  add(add_bench);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

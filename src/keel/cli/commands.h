@@ -11,6 +11,7 @@ Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_doctor(CLI::App& app);
 Runner add_config(CLI::App& app);
+Runner add_bench(CLI::App& app);
 
 // Entry point shared by main() and tests: parses argv, runs the chosen subcommand, turns
 // exceptions into "error: ..." on stderr and a non-zero exit code.

@@ -1,0 +1,121 @@
+// `keel bench step`: training-step throughput of a model on random data, for several precisions
+// measured alternately in the same run (ratios, not absolute seconds, are what to compare).
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "keel/cli/commands.h"
+#include "keel/memory/cpu_allocator.h"
+#include "keel/models/registry.h"
+#include "keel/train/optimizer.h"
+#include "keel/train/step.h"
+#include "keel/train/trainer.h"
+
+namespace keel::cli {
+namespace {
+
+struct BenchArgs {
+  std::string model = "resnet18";
+  int64_t size = 64, batch = 64, channels = 3, classes = 10, steps = 10, warmup = 3, repeats = 3, threads = 0;
+  std::string precisions = "fp32,bf16";
+  bool channels_last = true;
+  bool json = false;
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string t; std::getline(ss, t, ',');) if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+// Images per second of `steps` optimizer steps (after `warmup`) with the given precision.
+double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_bytes) {
+  torch::manual_seed(0);
+  auto model = models::create({a.model, a.channels, a.classes});
+  if (a.channels_last) train::model_to_channels_last(*model);
+  model->train();
+  train::OptimizerOptions oo;
+  oo.lr = 0.01;
+  auto opt = train::make_optimizer(*model, oo);
+  train::StepOptions so;
+  so.precision = precision;
+  so.channels_last = a.channels_last;
+  so.guard.snapshot_every = 1 << 30;  // measure the step itself, not snapshots
+  train::StepRunner runner(*model, *opt, so, [](int64_t) { return 0.01; });
+  at::Tensor x = at::randn({a.batch, a.channels, a.size, a.size});
+  if (a.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::randint(0, a.classes, {a.batch}, at::kLong);
+  for (int64_t i = 0; i < a.warmup; ++i) runner.run(x, y);
+  memory::reset_peak();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < a.steps; ++i) runner.run(x, y);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  *peak_bytes = memory::cpu_stats().peak;
+  return static_cast<double>(a.steps * a.batch) / s;
+}
+
+}  // namespace
+
+Runner add_bench(CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* bench = app.add_subcommand("bench", "benchmarks (ratios measured in the same run)");
+  bench->require_subcommand(1);
+  auto* step = bench->add_subcommand("step", "training-step throughput per precision on random data");
+  step->add_option("--model", a->model, "registered model name")->capture_default_str();
+  step->add_option("--size", a->size, "image height and width")->capture_default_str();
+  step->add_option("--batch", a->batch, "batch size")->capture_default_str();
+  step->add_option("--channels", a->channels, "input channels")->capture_default_str();
+  step->add_option("--classes", a->classes, "classes")->capture_default_str();
+  step->add_option("--steps", a->steps, "measured steps per repeat")->capture_default_str();
+  step->add_option("--warmup", a->warmup, "unmeasured steps before each repeat")->capture_default_str();
+  step->add_option("--repeats", a->repeats, "repeats per precision, alternated; the median is reported")
+      ->capture_default_str();
+  step->add_option("--precisions", a->precisions, "comma-separated: fp32,bf16")->capture_default_str();
+  step->add_option("--threads", a->threads, "intra-op threads (0 = all cores)")->capture_default_str();
+  step->add_flag("!--no-channels-last", a->channels_last, "use NCHW instead of channels_last");
+  step->add_flag("--json", a->json, "print the result as one JSON object on the last line");
+  return [a] {
+    const int threads = train::configure_threads(a->threads);
+    memory::install_cpu_allocator();
+    const auto precisions = split(a->precisions);
+    std::map<std::string, std::vector<double>> ips;
+    std::map<std::string, int64_t> peak;
+    for (int64_t r = 0; r < a->repeats; ++r) {
+      for (const auto& p : precisions) {
+        int64_t pk = 0;
+        ips[p].push_back(measure(*a, p, &pk));
+        peak[p] = std::max(peak[p], pk);
+      }
+    }
+    nlohmann::json out = {{"model", a->model}, {"size", a->size}, {"batch", a->batch}, {"threads", threads},
+                          {"channels_last", a->channels_last}};
+    const std::string& base = precisions.front();
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    fmt::print("{} {}x{} batch {} ({}), {} threads, median of {} repeats of {} steps:\n", a->model, a->size,
+               a->size, a->batch, a->channels_last ? "channels_last" : "NCHW", threads, a->repeats, a->steps);
+    for (const auto& p : precisions) {
+      const double m = median(ips[p]), ratio = m / median(ips[base]);
+      fmt::print("  {:5s} {:8.1f} images/s  x{:.2f} vs {}  peak {:.1f} MiB\n", p, m, ratio, base,
+                 peak[p] / 1048576.0);
+      out["images_per_second"][p] = m;
+      out["ratio_vs_" + base][p] = ratio;
+      out["peak_bytes"][p] = peak[p];
+      out["samples"][p] = ips[p];
+    }
+    if (a->json) std::cout << out.dump() << std::endl;
+    return 0;
+  };
+}
+
+}  // namespace keel::cli
