@@ -30,10 +30,18 @@ Runner add_train(CLI::App& app) {
   auto args = std::make_shared<CommonArgs>();
   auto* sub = app.add_subcommand("train", "train a model from a config; writes runs/<name>/");
   add_common(sub, *args);
-  return [args] {
+  auto resume = std::make_shared<std::string>();
+  sub->add_option("--resume", *resume,
+                  "continue a run: `auto` = newest valid checkpoint in runs/<name>/checkpoints (fresh start if "
+                  "none), or a checkpoint directory");
+  return [args, resume] {
     config::Config cfg = config::load(args->config, args->sets);
     train::Trainer trainer(cfg);
-    train::FitResult r = trainer.fit();
+    train::FitResult r = trainer.fit(*resume);
+    if (r.interrupted) {
+      if (args->json) std::cout << r.to_json().dump() << std::endl;
+      return 0;
+    }
     fmt::print("keel: test accuracy {:.2f}% (top-5 {:.2f}%), test loss {:.4f}, {} steps in {:.1f}s "
                "({:.0f} images/s, {:.0f}% waiting for data), wall {:.1f}s\n",
                100 * r.test.top1, 100 * r.test.top5, r.test.loss, r.steps, r.train_seconds,

@@ -306,6 +306,9 @@ const std::vector<Field>& schema() {
         "On out-of-memory in forward/backward: free the partial step, halve train.micro_batch (doubling the "
         "accumulation steps) and replay the same samples; the effective batch never changes.", "", nullptr));
     // debug
+    f.push_back(make_field<C::Debug, int64_t>("debug.stop_after_steps", &C::debug, &C::Debug::stop_after_steps,
+        "Stop the run after this many optimizer steps as if it had been killed (no final checkpoint); the "
+        "schedule still spans the whole run. For resume tests (0 = off).", ">= 0", int_at_least(0)));
     f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_oom_steps", &C::debug,
         &C::Debug::inject_oom_steps,
         "Fault injection: the step attempts with these 1-based numbers throw an out-of-memory error in their first "
@@ -330,6 +333,17 @@ const std::vector<Field>& schema() {
         &C::Checkpoint::save_final,
         "Write `checkpoints/final.pt` (weights) and `checkpoints/final.toml` (resolved config) atomically at the end.",
         "", nullptr));
+    f.push_back(make_field<C::Checkpoint, int64_t>("checkpoint.every_steps", &C::checkpoint,
+        &C::Checkpoint::every_steps,
+        "Write a full checkpoint (weights, optimizer, scaler, schedule, guard, EMA, early stopping, RNG streams, "
+        "loader position, resolved config) every N optimizer steps and at each epoch end (0 = off). "
+        "`keel train ... --resume auto` continues from the newest valid one.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Checkpoint, double>("checkpoint.every_minutes", &C::checkpoint,
+        &C::Checkpoint::every_minutes, "Also write one when this many minutes passed since the last (0 = off).",
+        ">= 0", float_in(0, kInf)));
+    f.push_back(make_field<C::Checkpoint, int64_t>("checkpoint.keep_last", &C::checkpoint, &C::Checkpoint::keep_last,
+        "Keep the newest N step checkpoints; older ones are removed (the newest valid one is always kept).", ">= 1",
+        int_at_least(1)));
     return f;
   }();
   return fields;

@@ -100,12 +100,16 @@ struct Config {
     bool oom_recovery = true;  // halve the micro-batch and replay on out-of-memory
   } memory;
   struct Debug {
+    int64_t stop_after_steps = 0;           // simulate an interruption (0 = off)
     std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
     std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
     std::string inject_where = "loss";     // debug.inject_nonfinite.where
   } debug;
   struct Checkpoint {
     bool save_final = true;
+    int64_t every_steps = 0;    // 0 = off
+    double every_minutes = 0;   // 0 = off
+    int64_t keep_last = 3;
   } checkpoint;
 };
 

@@ -20,6 +20,9 @@ class DeviceAugment {
   // images: uint8 (N, C, H, W) on any device -> float (N, C, H, W) on the same device.
   at::Tensor train(const at::Tensor& images);
   at::Tensor eval(const at::Tensor& images) const;
+  // The augmentation generator's state (uint8 tensor), saved in checkpoints for exact resume.
+  at::Tensor rng_state() const { return gen_.get_state(); }
+  void set_rng_state(const at::Tensor& s) { gen_.set_state(s); }
 
  private:
   at::Tensor normalize(const at::Tensor& images) const;

@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "keel/compat/torch_compat.h"
+#include "keel/checkpoint/checkpoint.h"
 #include "keel/data/idx.h"
 #include "keel/data/subset.h"
 #include "keel/models/registry.h"
@@ -44,19 +45,11 @@ at::Tensor to_layout(at::Tensor x, bool channels_last) {
   return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
 }
 
-// Copies of every parameter and buffer (for restoring the best weights).
-std::vector<at::Tensor> snapshot_weights(models::Net& m) {
-  std::vector<at::Tensor> out;
-  for (auto& p : m.parameters()) out.push_back(p.detach().clone());
-  for (auto& b : m.buffers()) out.push_back(b.detach().clone());
-  return out;
-}
-
-void restore_weights(models::Net& m, const std::vector<at::Tensor>& w) {
-  torch::NoGradGuard ng;
-  size_t i = 0;
-  for (auto& p : m.parameters()) p.copy_(w[i++]);
-  for (auto& b : m.buffers()) b.copy_(w[i++]);
+// A detached copy of every parameter and buffer, by name (for restoring the best weights).
+models::StateDict clone_state(const models::Net& m) {
+  models::StateDict sd = models::state_dict_of(m);
+  for (auto& [k, t] : sd) t = t.clone();
+  return sd;
 }
 
 }  // namespace
@@ -106,7 +99,7 @@ nlohmann::json FitResult::to_json() const {
           {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
           {"best_epoch", best_epoch},  {"oom_recoveries", oom_recoveries},
           {"micro_batch", micro_batch}, {"peak_memory_bytes", peak_memory_bytes},
-          {"advice", advice},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
+          {"advice", advice},          {"interrupted", interrupted},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
 }
 
 int configure_threads(int64_t requested) {
@@ -206,8 +199,21 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
 
 Trainer::~Trainer() = default;
 
-FitResult Trainer::fit() {
+FitResult Trainer::fit(const std::string& resume) {
   const auto t_fit = Clock::now();
+  const std::string ckpt_dir = run_dir_ + "/checkpoints";
+  // Resume: the newest checkpoint that verifies ("auto"), or the one named.
+  std::optional<checkpoint::CheckpointContents> ckpt;
+  std::string resume_dir;
+  if (resume == "auto") {
+    std::vector<std::string> skipped;
+    if (auto p = checkpoint::find_latest_valid(ckpt_dir, &skipped)) resume_dir = *p;
+    for (const auto& why : skipped) fmt::print("checkpoint: skipped {}\n", why);
+    if (resume_dir.empty()) fmt::print("checkpoint: no valid checkpoint in {}; starting from scratch\n", ckpt_dir);
+  } else if (!resume.empty()) {
+    resume_dir = resume;
+  }
+  if (!resume_dir.empty()) ckpt = checkpoint::load(resume_dir);
   const int threads = configure_threads(cfg_.run.threads);
   // CPU memory accounting (and the budget, when set) for every allocation of the run.
   memory::install_cpu_allocator();
@@ -220,7 +226,7 @@ FitResult Trainer::fit() {
   data::Loader train_loader(train_set_, loader_options(cfg_, true));
   data::Loader test_loader(test_set_, loader_options(cfg_, false));
   data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
-  monitor::RunLogger log(run_dir_);
+  monitor::RunLogger log(run_dir_, ckpt ? ckpt->step : -1);
 
   const int64_t per_epoch = train_loader.batches_per_epoch();
   int64_t total_steps = per_epoch * cfg_.train.epochs;
@@ -286,7 +292,7 @@ FitResult Trainer::fit() {
                     [&](int64_t s) { return peak_lr * lr_factor(schedule_, s, total_steps); }, ema.get(), &timer);
 
   std::optional<EarlyStopping> stopper;
-  std::vector<at::Tensor> best_weights;
+  models::StateDict best_weights;
   if (cfg_.early_stop.enabled) {
     EarlyStoppingOptions eo;
     eo.mode = cfg_.early_stop.mode != "auto" ? cfg_.early_stop.mode
@@ -295,6 +301,65 @@ FitResult Trainer::fit() {
     eo.min_delta = cfg_.early_stop.min_delta;
     stopper.emplace(eo);
   }
+
+  int64_t start_epoch = 0, skip_batches = 0;
+  nlohmann::json resumed_acc;
+  double train_seconds = 0;
+  FitResult res;
+  if (ckpt) {
+    const std::string problem = checkpoint::compatibility_problem(*ckpt, cfg_.model.name, models::state_dict_of(*model_),
+                                                                  config::to_toml(cfg_));
+    if (!problem.empty()) throw std::runtime_error(resume_dir + ": cannot resume this run from it: " + problem);
+    models::load_state_dict(*model_, ckpt->model);
+    checkpoint::restore_optimizer(*ckpt, *optimizer_);
+    const nlohmann::json& st = ckpt->state;
+    runner.load_state(st.at("runner"));
+    for (const auto& note : checkpoint::restore_rng_state(st.at("rng"))) fmt::print("checkpoint: {}\n", note);
+    const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
+    aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
+                                    at::kByte).clone());
+    if (stopper && st.contains("early_stop")) stopper->load_state(st.at("early_stop"));
+    res.best_epoch = st.value("best_epoch", 0);
+    if (ema) models::load_state_dict(ema->model(), ckpt->extra.at("ema"));
+    if (ckpt->extra.count("best")) best_weights = ckpt->extra.at("best");
+    start_epoch = st.at("epoch");
+    skip_batches = st.at("batch_in_epoch");
+    resumed_acc = st.at("accumulators");
+    train_seconds = st.at("train_seconds");
+    fmt::print("keel: resumed from {} (step {}, epoch {}, batch {} of the epoch)\n", resume_dir, runner.steps(),
+               start_epoch + 1, skip_batches);
+    ckpt.reset();  // free its tensors
+  }
+
+  // Writes a full checkpoint of the run as it stands (epoch: 0-based current epoch; batch: consumed in it).
+  const bool checkpointing = cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0;
+  auto last_save = Clock::now();
+  auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen) {
+    checkpoint::CheckpointContents c;
+    c.model = models::state_dict_of(*model_);
+    checkpoint::capture_optimizer(c, *optimizer_);
+    c.state["runner"] = runner.state();
+    c.state["rng"] = checkpoint::rng_state_json();
+    at::Tensor ag = aug.rng_state().contiguous();
+    c.state["augment_rng"] = checkpoint::base64_encode(
+        std::string(reinterpret_cast<const char*>(ag.data_ptr<uint8_t>()), static_cast<size_t>(ag.numel())));
+    c.state["epoch"] = epoch;
+    c.state["batch_in_epoch"] = batch;
+    c.state["accumulators"] = {{"loss_sum", loss_sum}, {"correct", correct}, {"seen", seen}};
+    c.state["train_seconds"] = train_seconds;
+    c.state["best_epoch"] = res.best_epoch;
+    if (stopper) c.state["early_stop"] = stopper->state();
+    if (ema) c.extra["ema"] = models::state_dict_of(ema->model());
+    if (!best_weights.empty()) c.extra["best"] = best_weights;
+    c.config_toml = config::to_toml(cfg_);
+    c.step = runner.steps();
+    c.epoch = epoch;
+    c.model_name = cfg_.model.name;
+    const std::string written = checkpoint::save(ckpt_dir, c);
+    checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last);
+    log.event({{"event", "checkpoint"}, {"step", runner.steps()}, {"path", written}});
+    last_save = Clock::now();
+  };
 
   // Advice from the measured breakdown (see docs/monitoring.md).
   auto advise = [&](const monitor::StepStats& st) {
@@ -313,18 +378,26 @@ FitResult Trainer::fit() {
     return monitor::diagnose(m);
   };
 
-  FitResult res;
   res.run_dir = run_dir_;
-  double train_seconds = 0;
-  bool stop = false;
+  bool stop = false, killed = false;
   monitor::Progress progress(total_steps, cfg_.model.name,
                              monitor::ProgressOptions().set_line_every(tc.log_every).set_out(stdout));
-  for (int64_t epoch = 0; epoch < epochs && runner.steps() < total_steps && !stop; ++epoch) {
+  for (int64_t epoch = start_epoch; epoch < epochs && runner.steps() < total_steps && !stop && !killed; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
     const auto t_epoch = Clock::now();
     at::Tensor loss_sum = at::zeros({}, at::kDouble), correct = at::zeros({}, at::kLong);
-    int64_t seen = 0, window_steps = 0;
+    int64_t seen = 0, window_steps = 0, batch_in_epoch = 0;
+    if (epoch == start_epoch && skip_batches > 0) {
+      // The order is a pure function of (seed, epoch): skipping the consumed batches puts the
+      // loader exactly where the checkpoint was taken.
+      for (; batch_in_epoch < skip_batches; ++batch_in_epoch) {
+        if (!train_loader.next()) break;
+      }
+      loss_sum.fill_(resumed_acc.at("loss_sum").get<double>());
+      correct.fill_(resumed_acc.at("correct").get<int64_t>());
+      seen = resumed_acc.at("seen");
+    }
     at::Tensor window_loss = at::zeros({}, at::kDouble), last_norm = at::zeros({}, at::kFloat);
     double lr = 0;
     while (runner.steps() < total_steps) {
@@ -335,6 +408,7 @@ FitResult Trainer::fit() {
         timer.end_step(0);
         break;
       }
+      ++batch_in_epoch;
       // CPU training: the batch is already where it computes; the CUDA copy would be timed here.
       timer.mark(monitor::Phase::kH2D);
       at::Tensor x = to_layout(aug.train(b->images), tc.channels_last);  // (N, C, H, W) float
@@ -392,6 +466,19 @@ FitResult Trainer::fit() {
         timer.end_step(r.samples);
       }
       progress.update(step, ps);
+      const bool step_due = cfg_.checkpoint.every_steps > 0 && step % cfg_.checkpoint.every_steps == 0;
+      const bool time_due = cfg_.checkpoint.every_minutes > 0 && since(last_save) >= 60.0 * cfg_.checkpoint.every_minutes;
+      if ((step_due || time_due) && step < total_steps) {
+        save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
+      }
+      if (cfg_.debug.stop_after_steps > 0 && step >= cfg_.debug.stop_after_steps) {
+        killed = true;  // simulated kill: leave without evaluation or final checkpoint
+        break;
+      }
+    }
+    if (killed) {
+      train_loader.stop();
+      break;
     }
     train_loader.stop();
     const double epoch_seconds = since(t_epoch);
@@ -432,14 +519,13 @@ FitResult Trainer::fit() {
       extra["ema_test"] = e.to_json();
       res.ema_test = e;
     }
-    log.epoch(runner.steps(), epoch + 1, evals, extra);
     res.epochs = epoch + 1;
     if (stopper) {
       const std::string& m = cfg_.early_stop.monitor;
       const double v = m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
       stop = stopper->update(v);
       if (stopper->improved()) {
-        best_weights = snapshot_weights(*model_);
+        best_weights = clone_state(*model_);
         res.best_epoch = epoch + 1;
       }
       if (stop) {
@@ -450,10 +536,19 @@ FitResult Trainer::fit() {
         res.early_stopped = true;
       }
     }
+    log.epoch(runner.steps(), epoch + 1, evals, extra);
+    if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0);
   }
   progress.finish();
+  if (killed) {
+    res.interrupted = true;
+    res.steps = runner.steps();
+    res.wall_seconds = since(t_fit);
+    fmt::print("keel: stopped after {} steps (debug.stop_after_steps)\n", res.steps);
+    return res;
+  }
   if (stopper && cfg_.early_stop.restore_best && !best_weights.empty() && res.best_epoch != res.epochs) {
-    restore_weights(*model_, best_weights);
+    models::load_state_dict(*model_, best_weights);
     res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
     fmt::print("restored the weights of epoch {}: test loss {:.4f} top1 {:.2f}%\n", res.best_epoch, res.test.loss,
                100 * res.test.top1);
@@ -475,7 +570,7 @@ FitResult Trainer::fit() {
   res.peak_memory_bytes = memory::cpu_stats().peak;
 
   if (cfg_.checkpoint.save_final) {
-    const std::string dir = run_dir_ + "/checkpoints";
+    const std::string dir = ckpt_dir;
     util::make_dirs(dir);
     res.checkpoint = dir + "/final.pt";
     models::write_state_dict(models::state_dict_of(*model_), res.checkpoint);

@@ -49,6 +49,7 @@ struct FitResult {
   std::vector<std::string> advice;  // bottleneck diagnosis of the whole run
   std::vector<std::string> guard_events;
   bool early_stopped = false;
+  bool interrupted = false;      // stopped by debug.stop_after_steps
   int64_t best_epoch = 0;        // with early stopping: the epoch whose weights were kept
   std::optional<EvalResult> ema_test;
   nlohmann::json to_json() const;
@@ -80,7 +81,9 @@ class Trainer {
   ~Trainer();
   // Trains for train.epochs (or train.max_steps), evaluating on the test split after each epoch;
   // writes metrics.jsonl and, when asked, the final checkpoint under the run directory.
-  FitResult fit();
+  // resume: "" (fresh), "auto" (newest valid checkpoint of the run directory, if any) or a
+  // checkpoint directory.
+  FitResult fit(const std::string& resume = "");
 
   const std::string& run_dir() const { return run_dir_; }
   models::NetPtr model() const { return model_; }
