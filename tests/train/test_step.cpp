@@ -144,7 +144,7 @@ TEST(Guard, InjectedNaNInModuleOutputIsLocatedByName) {
 
 TEST(Guard, RollsBackAfterKSkipsAndStopsAfterRRollbacks) {
   Fixture f;
-  StepOptions o = injecting({3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, "loss");
+  StepOptions o = injecting({4, 5, 6, 7, 8, 9, 10, 11, 12, 13}, "loss");
   o.guard.max_consecutive_skips = 2;
   o.guard.max_rollbacks = 2;
   o.guard.snapshot_every = 1;
@@ -152,7 +152,8 @@ TEST(Guard, RollsBackAfterKSkipsAndStopsAfterRRollbacks) {
   StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
   EXPECT_TRUE(r.run(f.x, f.y).applied);
   EXPECT_TRUE(r.run(f.x, f.y).applied);
-  auto good = f.weights();
+  auto good = f.weights();  // verified by the healthy loss of step 3, so step 3 snapshots it
+  EXPECT_TRUE(r.run(f.x, f.y).applied);
   EXPECT_EQ(r.run(f.x, f.y).event, "skip");
   StepResult rb = r.run(f.x, f.y);
   EXPECT_EQ(rb.event, "rollback");
@@ -168,7 +169,7 @@ TEST(Guard, RollsBackAfterKSkipsAndStopsAfterRRollbacks) {
     FAIL() << "expected TrainingDiverged";
   } catch (const TrainingDiverged& e) {
     EXPECT_THAT(e.what(), HasSubstr("training diverged"));
-    EXPECT_THAT(e.what(), HasSubstr("step 3 (attempt 3) skipped"));
+    EXPECT_THAT(e.what(), HasSubstr("step 4 (attempt 4) skipped"));
   }
 }
 
@@ -337,4 +338,22 @@ TEST(OomRecovery, RealBudgetOomShrinksMicroBatchAndLeaksNothing) {
   EXPECT_LT(r.micro_batch(), 64);
   EXPECT_GE(r.micro_batch(), 8);
   EXPECT_LE(after, base + 4096) << "nothing of the failed attempts stays allocated";
+}
+
+TEST(Guard, LossSpikeIsSkippedBeforeItTurnsNonFinite) {
+  Fixture f;
+  StepOptions o;
+  o.guard.spike_factor = 10;
+  o.guard.spike_warmup = 2;
+  o.guard.snapshot_every = 1;
+  o.guard.max_consecutive_skips = 2;
+  // The 4th applied step uses a huge learning rate: the next loss explodes (finite).
+  StepRunner r(*f.model, *f.opt, o, [](int64_t s) { return s == 3 ? 1e4 : 0.01; });
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.run(f.x, f.y).applied) << i;
+  StepResult s = r.run(f.x, f.y);
+  EXPECT_FALSE(s.applied);
+  EXPECT_THAT(s.message, HasSubstr("loss spike"));
+  StepResult rb = r.run(f.x, f.y);
+  EXPECT_EQ(rb.event, "rollback");
+  EXPECT_THAT(rb.message, HasSubstr("restored the state of step 3")) << "the state before the bad update";
 }

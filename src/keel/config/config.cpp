@@ -272,6 +272,10 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Guard, bool>("guard.locate", &C::guard, &C::Guard::locate,
         "On a skip, replay the batch with every module output recorded and name the first module whose output "
         "(forward) or gradient (backward) went non-finite, with its finite abs-min/abs-max.", "", nullptr));
+    f.push_back(make_field<C::Guard, double>("guard.spike_factor", &C::guard, &C::Guard::spike_factor,
+        "Also treat a finite loss above this multiple of its running mean (after 20 healthy steps) as a failed "
+        "step: divergence is caught while the weights are still good, before it turns into inf/NaN. 0 = off.",
+        "0 or >= 2", [](const double& v) { return (v == 0 || v >= 2) ? "" : "0 (off) or a number >= 2"; }));
     // early_stop
     f.push_back(make_field<C::EarlyStop, bool>("early_stop.enabled", &C::early_stop, &C::EarlyStop::enabled,
         "Stop when the monitored metric has not improved for `patience` evaluations.", "", nullptr));

@@ -82,6 +82,7 @@ struct Config {
     double lr_factor = 0.5;
     int64_t snapshot_every = 50;
     bool locate = true;
+    double spike_factor = 10.0;
   } guard;
   struct EarlyStop {
     bool enabled = false;

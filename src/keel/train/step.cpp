@@ -109,6 +109,7 @@ void StepRunner::take_snapshot() {
   s.optimizer = os.str();
   s.scaler = scaler_.state();
   s.step = steps_;
+  s.loss_ema = loss_ema_;
   snapshot_ = std::move(s);
 }
 
@@ -194,8 +195,19 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   for (auto& g : grads) norms.push_back(g.norm(2).to(at::kFloat));
   r.grad_norm = norms.empty() ? at::zeros({}, at::kFloat) : at::stack(norms).norm(2);
   // The step's one host sync: the guard must know whether to apply the update.
-  const bool nonfinite = found_inf.item<float>() > 0;
-  if (!nonfinite) {
+  // found_inf and the loss come back together, so the spike check costs no extra sync.
+  const at::Tensor host = at::stack({found_inf.to(at::kDouble), r.loss.to(at::kDouble)});
+  const double* hv = host.data_ptr<double>();
+  bool nonfinite = hv[0] > 0;
+  const double loss_value = hv[1];
+  // A loss spike (finite but > spike_factor x its running mean) is a divergence caught before it
+  // turns into inf/NaN; it is handled like a non-finite step.
+  const bool spike = !nonfinite && o_.guard.spike_factor > 0 && loss_ema_ > 0 &&
+                     healthy_steps_ >= o_.guard.spike_warmup && loss_value > o_.guard.spike_factor * loss_ema_;
+  if (!nonfinite && !spike) {
+    // The weights just produced a healthy loss and finite gradients: a verified-good state to
+    // snapshot (snapshotting after the update would keep the state a bad update produced).
+    if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ % o_.guard.snapshot_every == 0) take_snapshot();
     if (o_.clip_value > 0) for (auto& g : grads) g.clamp_(-o_.clip_value, o_.clip_value);
     if (o_.clip_norm > 0) {
       at::Tensor coef = (o_.clip_norm / (r.grad_norm + 1e-6)).clamp_max(1.0);
@@ -208,7 +220,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // 6. scaler update (backs off on a non-finite step, as GradScaler does)
   scaler_.update(found_inf);
 
-  if (nonfinite) {
+  if (nonfinite || spike) {
     {
       torch::NoGradGuard ng;
       auto bufs = model_.buffers();
@@ -221,10 +233,15 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     if (!o_.guard.enabled) {
       throw TrainingDiverged(fmt::format("non-finite loss or gradient at step {} and guard.enabled = false", steps_ + 1));
     }
-    const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
-    r.message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1, attempt,
-                            std::isfinite(r.loss.item<double>()) ? "gradient" : "loss", where,
-                            scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
+    if (spike) {
+      r.message = fmt::format("step {} (attempt {}) skipped: loss spike {:.4g} > {} x running mean {:.4g}",
+                              steps_ + 1, attempt, loss_value, o_.guard.spike_factor, loss_ema_);
+    } else {
+      const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
+      r.message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
+                              attempt, std::isfinite(loss_value) ? "gradient" : "loss", where,
+                              scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
+    }
     events_.push_back(r.message);
     opt_.zero_grad();
     if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
@@ -242,6 +259,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       lr_scale_ *= o_.guard.lr_factor;
       consecutive_skips_ = 0;
       r.event = "rollback";
+      loss_ema_ = snapshot_ ? snapshot_->loss_ema : 0.0;
       r.message = fmt::format("rollback {} at step {}: {} consecutive skips; restored the state of step {}, learning "
                               "rate x{:.3g} (now x{:.3g})",
                               rollbacks_, steps_ + 1, o_.guard.max_consecutive_skips, snapshot_ ? snapshot_->step : 0,
@@ -254,10 +272,11 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // 7. counter (the schedule reads it), 8. EMA
   r.applied = true;
   consecutive_skips_ = 0;
+  loss_ema_ = loss_ema_ > 0 ? 0.9 * loss_ema_ + 0.1 * loss_value : loss_value;
+  ++healthy_steps_;
   ++steps_;
   if (ema_) ema_->update(model_);
   if (timer_) timer_->mark(monitor::Phase::kOptimizer);
-  if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ % o_.guard.snapshot_every == 0) take_snapshot();
   return r;
 }
 
@@ -265,7 +284,8 @@ nlohmann::json StepRunner::state() const {
   return {{"steps", steps_},         {"attempts", attempts_}, {"consecutive_skips", consecutive_skips_},
           {"skipped", skipped_total_}, {"rollbacks", rollbacks_},
           {"lr_scale", lr_scale_},   {"scaler", scaler_.state()},
-          {"micro_batch", o_.micro_batch}, {"oom_recoveries", oom_recoveries_}};
+          {"micro_batch", o_.micro_batch}, {"oom_recoveries", oom_recoveries_},
+          {"loss_ema", loss_ema_},   {"healthy_steps", healthy_steps_}};
 }
 
 void StepRunner::load_state(const nlohmann::json& s) {
@@ -277,6 +297,8 @@ void StepRunner::load_state(const nlohmann::json& s) {
   lr_scale_ = s.at("lr_scale");
   o_.micro_batch = s.at("micro_batch");
   oom_recoveries_ = s.at("oom_recoveries");
+  loss_ema_ = s.at("loss_ema");
+  healthy_steps_ = s.at("healthy_steps");
   scaler_.load_state(s.at("scaler"));
 }
 

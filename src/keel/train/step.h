@@ -30,6 +30,8 @@ struct GuardOptions {
   double lr_factor = 0.5;             // learning rate multiplier applied at each rollback
   int64_t snapshot_every = 50;        // applied steps between in-memory snapshots
   bool locate = true;                 // on a skip, re-run the batch instrumented to name the module
+  double spike_factor = 0.0;          // also skip a finite loss above this x its running mean (0 = off)
+  int64_t spike_warmup = 20;          // applied steps before the spike check starts
 };
 
 struct StepOptions {
@@ -96,6 +98,7 @@ class StepRunner {
     std::string optimizer;
     nlohmann::json scaler;
     int64_t step = 0;
+    double loss_ema = 0;
   };
   // forward + backward over micro-batches; accumulates loss/correct; returns found-nonfinite-loss.
   void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
@@ -116,6 +119,8 @@ class StepRunner {
   std::vector<int64_t> oom_injected_;
   int64_t steps_ = 0, attempts_ = 0, consecutive_skips_ = 0, skipped_total_ = 0, rollbacks_ = 0;
   double lr_scale_ = 1.0;
+  double loss_ema_ = 0.0;      // running mean of applied steps' loss (spike check)
+  int64_t healthy_steps_ = 0;
   std::optional<Snapshot> snapshot_;
   std::vector<std::string> events_;
 };

@@ -276,6 +276,7 @@ FitResult Trainer::fit(const std::string& resume) {
   so.guard.lr_factor = cfg_.guard.lr_factor;
   so.guard.snapshot_every = cfg_.guard.snapshot_every;
   so.guard.locate = cfg_.guard.locate;
+  so.guard.spike_factor = cfg_.guard.spike_factor;
   so.inject.steps = cfg_.debug.inject_steps;
   so.inject.where = cfg_.debug.inject_where;
   so.inject.oom_steps = cfg_.debug.inject_oom_steps;
