@@ -1,5 +1,7 @@
 // The keel executable end to end: help, config errors on the command line, --json summaries.
 #include <gtest/gtest.h>
+
+#include "../test_util.h"
 #include <gmock/gmock.h>
 
 #include <array>
@@ -34,13 +36,7 @@ std::string last_line(const std::string& s) {
   return t.substr(t.rfind('\n') == std::string::npos ? 0 : t.rfind('\n') + 1);
 }
 
-std::string tmp_dir(const std::string& name) {
-  const char* base = std::getenv("KEEL_TEST_TMP");
-  auto p = std::filesystem::path(base ? base : "/tmp") / ("keel-cli-" + name);
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
-  return p.string();
-}
+std::string tmp_dir(const std::string& name) { return keel::test::fresh_dir("cli-" + name); }
 
 }  // namespace
 

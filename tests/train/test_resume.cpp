@@ -1,6 +1,8 @@
 // Checkpoint and resume: an interrupted run resumed with --resume auto ends bit-identical to an
 // uninterrupted one, with no duplicated or missing step in metrics.jsonl.
 #include <gtest/gtest.h>
+
+#include "../test_util.h"
 #include <gmock/gmock.h>
 
 #include <filesystem>
@@ -15,13 +17,7 @@
 
 namespace {
 
-std::string tmp_dir(const std::string& name) {
-  const char* base = std::getenv("KEEL_TEST_TMP");
-  auto p = std::filesystem::path(base ? base : "/tmp") / ("keel-resume-" + name);
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
-  return p.string();
-}
+std::string tmp_dir(const std::string& name) { return keel::test::fresh_dir("resume-" + name); }
 
 keel::config::Config small(const std::string& dir, const std::string& name, std::vector<std::string> extra = {}) {
   std::vector<std::string> sets = {"run.dir=\"" + dir + "\"", "run.name=" + name, "data.train_limit=640",

@@ -1,6 +1,8 @@
 // Trainer: optimizer groups, augmentation, and a small convergence run on real Fashion-MNIST.
 #include <gtest/gtest.h>
 
+#include "../test_util.h"
+
 #include <filesystem>
 #include <torch/torch.h>
 
@@ -12,13 +14,7 @@
 #include "keel/train/trainer.h"
 
 namespace {
-std::string tmp_dir(const std::string& name) {
-  const char* base = std::getenv("KEEL_TEST_TMP");
-  auto p = std::filesystem::path(base ? base : "/tmp") / ("keel-" + name);
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
-  return p.string();
-}
+std::string tmp_dir(const std::string& name) { return keel::test::fresh_dir(name); }
 }  // namespace
 
 TEST(Optimizer, NoDecayOnBiasesAndNormWeights) {
