@@ -26,7 +26,15 @@ int64_t expansion(ResNetOptions::Block b) {
 
 ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t planes,
                            int64_t stride, std::string path_)
-    : bottleneck(kind == ResNetOptions::Block::kBottleneck), path(std::move(path_)) {
+    : bottleneck(kind == ResNetOptions::Block::kBottleneck),
+      path(std::move(path_)),
+      n_conv1(path + ".conv1"),
+      n_bn1(path + ".bn1"),
+      n_conv2(path + ".conv2"),
+      n_bn2(path + ".bn2"),
+      n_conv3(path + ".conv3"),
+      n_bn3(path + ".bn3"),
+      n_downsample(path + ".downsample") {
   const int64_t out_planes = planes * expansion(kind);
   if (bottleneck) {
     // torchvision (ResNet v1.5) puts the stride on the 3x3 conv.
@@ -51,17 +59,16 @@ ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t
 
 at::Tensor ResBlockImpl::forward(at::Tensor x) {
   // x: (N, in_planes, H, W) -> (N, planes * expansion, H / stride, W / stride)
-  const std::string& p = path;
-  at::Tensor y = watch(p + ".conv1", conv1(x));
-  y = watch(p + ".bn1", bn1(y)).relu_();
-  y = watch(p + ".conv2", conv2(y));
-  y = watch(p + ".bn2", bn2(y));
+  at::Tensor y = watch(n_conv1, conv1(x));
+  y = watch(n_bn1, bn1(y)).relu_();
+  y = watch(n_conv2, conv2(y));
+  y = watch(n_bn2, bn2(y));
   if (bottleneck) {
-    y = watch(p + ".conv3", conv3(y.relu_()));
-    y = watch(p + ".bn3", bn3(y));
+    y = watch(n_conv3, conv3(y.relu_()));
+    y = watch(n_bn3, bn3(y));
   }
-  at::Tensor identity = downsample ? watch(p + ".downsample", downsample->forward(x)) : x;
-  return watch(p, y.add_(identity).relu_());
+  at::Tensor identity = downsample ? watch(n_downsample, downsample->forward(x)) : x;
+  return watch(path, y.add_(identity).relu_());
 }
 
 ResNet::ResNet(const ResNetOptions& o) : opts(o) {

@@ -29,6 +29,8 @@ struct ResBlockImpl : torch::nn::Module {
 
   bool bottleneck;
   std::string path;
+  // Watch-point names, built once: forward runs every step and must not allocate strings.
+  std::string n_conv1, n_bn1, n_conv2, n_bn2, n_conv3, n_bn3, n_downsample;
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential downsample{nullptr};

@@ -20,6 +20,7 @@ inline thread_local Watcher* active_watcher = nullptr;
 }
 
 // Passes `out` of module `module` (its state-dict prefix, e.g. "layer2.1.bn2") to the watcher.
+// Takes the name by reference: callers keep it in the module so a forward allocates no strings.
 inline at::Tensor watch(const std::string& module, at::Tensor out) {
   Watcher* w = detail::active_watcher;
   return w ? w->on_output(module, out) : out;

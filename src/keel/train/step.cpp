@@ -138,8 +138,16 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
 
   // 1. forward/backward over micro-batches, loss scaled. Buffers (BatchNorm statistics) are
   // copied first: a non-finite forward would otherwise poison them even though the step is skipped.
-  std::vector<at::Tensor> buffers_before;
-  for (auto& b : model_.buffers()) buffers_before.push_back(b.detach().clone());
+  // Copied into storage allocated once (no allocation on the hot path).
+  auto buffers = model_.buffers();
+  if (buffer_backup_.size() != buffers.size()) {
+    buffer_backup_.clear();
+    for (auto& b : buffers) buffer_backup_.push_back(at::empty_like(b));
+  }
+  {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < buffers.size(); ++i) buffer_backup_[i].copy_(buffers[i]);
+  }
   opt_.zero_grad();
   r.loss = at::zeros({}, at::kDouble);
   r.correct = at::zeros({}, at::kLong);
@@ -207,7 +215,10 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   if (!nonfinite && !spike) {
     // The weights just produced a healthy loss and finite gradients: a verified-good state to
     // snapshot (snapshotting after the update would keep the state a bad update produced).
-    if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ % o_.guard.snapshot_every == 0) take_snapshot();
+    // (step 0's state was snapshotted before the first attempt.)
+    if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ > 0 && steps_ % o_.guard.snapshot_every == 0) {
+      take_snapshot();
+    }
     if (o_.clip_value > 0) for (auto& g : grads) g.clamp_(-o_.clip_value, o_.clip_value);
     if (o_.clip_norm > 0) {
       at::Tensor coef = (o_.clip_norm / (r.grad_norm + 1e-6)).clamp_max(1.0);
@@ -224,7 +235,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     {
       torch::NoGradGuard ng;
       auto bufs = model_.buffers();
-      for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(buffers_before[i]);
+      for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(buffer_backup_[i]);
     }
     r.applied = false;
     r.event = "skip";

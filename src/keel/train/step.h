@@ -115,6 +115,7 @@ class StepRunner {
   monitor::StepTimer* timer_;
   LossScaler scaler_;
   std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> buffer_backup_;  // BN statistics before this step's forward
   int64_t oom_recoveries_ = 0;
   std::vector<int64_t> oom_injected_;
   int64_t steps_ = 0, attempts_ = 0, consecutive_skips_ = 0, skipped_total_ = 0, rollbacks_ = 0;

@@ -11,7 +11,6 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include "keel/compat/torch_compat.h"
 #include "keel/checkpoint/checkpoint.h"
 #include "keel/data/idx.h"
 #include "keel/data/subset.h"
