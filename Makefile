@@ -1,39 +1,54 @@
-# keel quick start: `make run` (set-up, Release build, train the default recipe), `make test` (set-up, build, ctest).
+# keel quick start: `make run` (set-up, Release build, train the default recipe), `make test` (set-up, build,
+# ctest, and a build against the other LibTorch).
+#
+# Default LibTorch: the one inside PyPI's torch wheel (pinned, .venv-torch/), with keel's CUDA code paths
+# compiled in; Debian's libtorch-dev 1.13.1 (CPU only) builds in build-debian/. docs/libtorch.md says why.
 BUILD ?= build
+DEBIAN_BUILD ?= build-debian
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
-# LibTorch from PyPI's torch wheel (docs/libtorch.md): its own build directory, same sources and tests.
-PYPI_BUILD ?= build-pypi
+CTEST = ctest --output-on-failure -j $(JOBS) --timeout 900
 
-.PHONY: setup build run test clean setup-pytorch build-pypi test-pypi
+.PHONY: setup build run test clean build-debian test-debian check-cuda setup-peers
 
+# Debian packages (scripts/setup.sh), then the pinned wheel (scripts/setup-pytorch.sh); both idempotent.
 setup:
 	bash scripts/setup.sh
+	bash scripts/setup-pytorch.sh >/dev/null
 
-$(BUILD)/build.ninja:
-	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
-
-build: setup $(BUILD)/build.ninja
+# Configures every time (seconds when nothing changed), so the build always uses the pinned wheel.
+# setup-pytorch.sh prints only Torch_DIR on stdout; if it fails, `&&` stops here rather than letting CMake
+# fall back to Debian's LibTorch.
+build: setup
+	torch_dir=$$(bash scripts/setup-pytorch.sh 2>/dev/null) && \
+	  cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$$torch_dir" $(CMAKE_FLAGS)
 	cmake --build $(BUILD) -j $(JOBS)
 
 run: build
 	$(BUILD)/keel train configs/default.toml
 
+# The default build's whole suite, then the other LibTorch (Debian 1.13) built: library, keel and every
+# test program (`make test-debian` runs its tests too).
 test: build
-	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
+	cd $(BUILD) && $(CTEST)
+	$(MAKE) build-debian
 
-# Configures every time (seconds when nothing changed). setup-pytorch.sh prints only Torch_DIR on stdout;
-# if it fails, the `&&` stops here rather than letting CMake fall back to Debian's LibTorch.
-build-pypi: setup
-	torch_dir=$$(bash scripts/setup-pytorch.sh) && \
-	  cmake -S . -B $(PYPI_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$$torch_dir" $(CMAKE_FLAGS)
-	cmake --build $(PYPI_BUILD) -j $(JOBS)
+# keel's CUDA code paths compiled and linked against the wheel's CUDA LibTorch (no GPU or CUDA toolkit
+# needed), then the device tests: on a machine without a GPU the CUDA ones skip and say so.
+check-cuda: CMAKE_FLAGS += -DKEEL_CUDA=ON
+check-cuda: build
+	cd $(BUILD) && $(CTEST) -L device
 
-test-pypi: build-pypi
-	cd $(PYPI_BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 900
+build-debian: setup
+	cmake -S . -B $(DEBIAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+	cmake --build $(DEBIAN_BUILD) -j $(JOBS)
 
-setup-pytorch:
-	bash scripts/setup-pytorch.sh
+test-debian: build-debian
+	cd $(DEBIAN_BUILD) && $(CTEST)
+
+# The bench peers (timm, Lightning; bench/requirements-peers.txt) next to the same torch.
+setup-peers:
+	bash scripts/setup-pytorch.sh bench/requirements-peers.txt >/dev/null
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(DEBIAN_BUILD)

@@ -1,40 +1,61 @@
-#!/usr/bin/python3
-# PyTorch peer of `keel bench step` (run with Debian's /usr/bin/python3: torch 1.13, the same
-# LibTorch version keel builds against). Same model (torchvision resnet18), input, batch,
-# threads, channels_last and optimizer (SGD momentum, nesterov, weight decay on >=2-D params).
-import json, statistics, sys, time
+#!/usr/bin/env python3
+# PyTorch peer of `keel bench step` / `keel bench infer`. Run it with the Python whose torch matches the
+# LibTorch keel was built against: .venv-torch/bin/python (torch 2.14.1, keel's default build) or Debian's
+# /usr/bin/python3 (torch 1.13, keel's build-debian/). Same model (torchvision), input, batch, threads,
+# channels_last and optimizer (SGD momentum 0.9, nesterov, weight decay 5e-4 on >=2-D params only) as keel.
+import argparse, json, statistics, time
 import torch, torchvision
 
-def measure(precision, size, batch, steps, warmup, threads):
+def measure(a, precision):
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
-    m = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last).train()
-    decay = [p for p in m.parameters() if p.dim() >= 2]
-    no_decay = [p for p in m.parameters() if p.dim() < 2]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
-                          lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    def step():
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = m(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y)
-        loss.backward()
-        opt.step()
-    for _ in range(warmup):
+    torch.set_num_threads(a.threads)
+    m = getattr(torchvision.models, a.model)(num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(a.batch, 3, a.size, a.size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (a.batch,))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    if a.mode == "infer":
+        m.eval()
+        def step():
+            with torch.inference_mode(), autocast():
+                m(x)
+    else:
+        m.train()
+        decay = [p for p in m.parameters() if p.dim() >= 2]
+        no_decay = [p for p in m.parameters() if p.dim() < 2]
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
+                              lr=0.01, momentum=0.9, nesterov=True)
+        def step():
+            opt.zero_grad()
+            with autocast():
+                out = m(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+            loss.backward()
+            opt.step()
+    for _ in range(a.warmup):
         step()
     t = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(a.steps):
         step()
-    return steps * batch / (time.perf_counter() - t)
+    return a.steps * a.batch / (time.perf_counter() - t)
 
 if __name__ == "__main__":
-    size, batch, steps, warmup, repeats, threads = 64, 64, 10, 3, 3, torch.get_num_threads()
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    res = {"fp32": [], "bf16": []}
-    for _ in range(repeats):
-        for p in res:
-            res[p].append(measure(p, size, batch, steps, warmup, threads))
-    med = {p: statistics.median(v) for p, v in res.items()}
-    print(json.dumps({"torch": torch.__version__, "images_per_second": med, "ratio_bf16_vs_fp32": med["bf16"] / med["fp32"]}))
+    p = argparse.ArgumentParser()
+    p.add_argument("threads", nargs="?", type=int, default=2)
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precisions", default="fp32,bf16")
+    a = p.parse_args()
+    res = {pr: [] for pr in a.precisions.split(",")}
+    for _ in range(a.repeats):
+        for pr in res:
+            res[pr].append(measure(a, pr))
+    med = {pr: statistics.median(v) for pr, v in res.items()}
+    out = {"torch": torch.__version__, "mode": a.mode, "model": a.model, "images_per_second": med, "samples": res}
+    if "fp32" in med and "bf16" in med:
+        out["ratio_bf16_vs_fp32"] = med["bf16"] / med["fp32"]
+    print(json.dumps(out))

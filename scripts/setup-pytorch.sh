@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# Idempotent: provides LibTorch from PyPI's torch wheel in a project-local virtual environment (.venv-torch/),
-# pinned to an exact torch + torchvision pair, and prints the Torch_DIR that CMake needs.
+# Idempotent: provides keel's default LibTorch from PyPI's torch wheel in a project-local virtual environment
+# (.venv-torch/), pinned to exact versions (scripts/requirements-torch.txt: torch, torchvision, tensorboard),
+# and prints the Torch_DIR that CMake needs.
 #
-#   bash scripts/setup-pytorch.sh            # install or verify; prints Torch_DIR
-#   cmake -S . -B build-pypi -G Ninja -DTorch_DIR="$(bash scripts/setup-pytorch.sh)"
+#   bash scripts/setup-pytorch.sh                               # install or verify; prints Torch_DIR
+#   cmake -S . -B build -G Ninja -DTorch_DIR="$(bash scripts/setup-pytorch.sh)"
+#   bash scripts/setup-pytorch.sh bench/requirements-peers.txt  # also the bench peers (timm, Lightning)
 #
 # stdout carries only that path (progress and pip go to stderr), so `$(bash scripts/setup-pytorch.sh)` works.
 # Environment: KEEL_TORCH_VENV (default <repo>/.venv-torch), PYTHON (default: the first python3 on PATH).
 # The Linux wheel is CUDA-enabled and pulls the nvidia-* wheels (cuBLAS, cuDNN, NCCL, ...): a few GiB, expected.
 set -euo pipefail
 
-# Newest pair on PyPI when pinned: torchvision 0.29.x is the series built for torch 2.14.x
-# (torch 2.15.0 exists, but no torchvision for it yet, and torchvision's C++ ops load only against their own torch).
-TORCH_VERSION=2.14.1
-TORCHVISION_VERSION=0.29.2
-
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${KEEL_TORCH_VENV:-$repo/.venv-torch}
 python=${PYTHON:-python3}
+requirements=("$repo/scripts/requirements-torch.txt" "$@")
 
 log() { echo "setup-pytorch: $*" >&2; }
 
-installed_version() {  # prints "torch torchvision" versions in the venv, or nothing
-  "$venv/bin/python" - <<'EOF' 2>/dev/null || true
-import importlib.metadata as m
-print(m.version("torch"), m.version("torchvision"))
-EOF
+# Prints every "name==version" of the requirement files that the venv does not have exactly.
+missing_pins() {
+  "$venv/bin/python" - "${requirements[@]}" <<'PY' 2>/dev/null || echo "(venv-unusable)"
+import importlib.metadata as m, sys
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        name, version = line.split("==")
+        try:
+            if m.version(name) != version:
+                print(line)
+        except m.PackageNotFoundError:
+            print(line)
+PY
 }
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -39,15 +48,16 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 
-if [ "$(installed_version)" != "$TORCH_VERSION $TORCHVISION_VERSION" ]; then
-  log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION into $venv"
-  # --upgrade-strategy only-if-needed: a second run with the pins satisfied downloads nothing.
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" >&2
-  [ "$(installed_version)" = "$TORCH_VERSION $TORCHVISION_VERSION" ] ||
-    { log "expected torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION, found '$(installed_version)'"; exit 1; }
+missing=$(missing_pins)
+if [ -n "$missing" ]; then
+  log "installing into $venv: $(echo $missing)"
+  req_args=()
+  for r in "${requirements[@]}"; do req_args+=(-r "$r"); done
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${req_args[@]}" >&2
+  missing=$(missing_pins)
+  [ -z "$missing" ] || { log "not as pinned after pip install: $(echo $missing)"; exit 1; }
 else
-  log "torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION already in $venv"
+  log "pins of ${requirements[*]#$repo/} already satisfied in $venv"
 fi
 
 "$venv/bin/python" -c 'import torch, os; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))'

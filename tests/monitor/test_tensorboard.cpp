@@ -56,9 +56,9 @@ struct ReaderResult {
   std::string out;
 };
 
-ReaderResult run_reader(const std::string& events_path) {
-  const std::string cmd = std::string("/usr/bin/python3 ") + KEEL_SOURCE_DIR + "/scripts/read_tfevents.py '" +
-                          events_path + "' 2>&1";
+// Runs `python scripts/<script> 'arg'` and captures stdout and stderr.
+ReaderResult run_python(const std::string& python, const std::string& script, const std::string& arg) {
+  const std::string cmd = python + " " + KEEL_SOURCE_DIR + "/scripts/" + script + " '" + arg + "' 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return {-1, "popen failed"};
   std::string out;
@@ -170,7 +170,7 @@ TEST(TensorBoard, ScalarsRoundTripThroughAnIndependentReader) {
   }
   EXPECT_EQ(split_records(read_file(path)).size(), written.size() + 1);
 
-  ReaderResult r = run_reader(path);
+  ReaderResult r = run_python("/usr/bin/python3", "read_tfevents.py", path);
   ASSERT_EQ(r.code, 0) << "scripts/read_tfevents.py failed (needs python3-protobuf and python3-crcmod; "
                           "scripts/setup.sh installs them):\n"
                        << r.out;
@@ -201,7 +201,36 @@ TEST(TensorBoard, IndependentReaderRejectsACorruptFile) {
   std::string bytes = read_file(path);
   bytes[bytes.size() - 6] ^= 0x01;  // a bit of the last record's data (the float value)
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
-  ReaderResult r = run_reader(path);
+  ReaderResult r = run_python("/usr/bin/python3", "read_tfevents.py", path);
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_THAT(r.out, HasSubstr("data CRC mismatch"));
+}
+
+TEST(TensorBoard, TensorBoardItselfReadsTheScalars) {
+#ifndef KEEL_PEER_PYTHON
+  GTEST_SKIP() << "no PyPI tensorboard: this build's LibTorch is not the .venv-torch wheel "
+                  "(scripts/setup-pytorch.sh installs tensorboard there)";
+#else
+  const std::string dir = fresh_dir("tb-tensorboard");
+  {
+    TensorBoardWriter w(dir);
+    for (int64_t step = 0; step < 5; ++step) {
+      w.add_scalar("train/loss", 2.5 - 0.5 * static_cast<double>(step), step, 1700000000.0 + step);
+      w.add_scalar("train/lr", 0.1, step, 1700000000.0 + step);
+    }
+    w.flush();
+  }
+  ReaderResult r = run_python(KEEL_PEER_PYTHON, "read_tensorboard.py", dir);
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto lines = parse_lines(r.out);
+  ASSERT_EQ(lines.size(), 10u) << r.out;
+  for (size_t i = 0; i < 5; ++i) {  // tags sorted: train/loss first
+    EXPECT_EQ(lines[i]["tag"], "train/loss");
+    EXPECT_EQ(lines[i]["step"].get<int64_t>(), static_cast<int64_t>(i));
+    EXPECT_DOUBLE_EQ(lines[i]["value"].get<double>(), 2.5 - 0.5 * static_cast<double>(i));
+    EXPECT_DOUBLE_EQ(lines[i]["wall_time"].get<double>(), 1700000000.0 + static_cast<double>(i));
+    EXPECT_EQ(lines[i + 5]["tag"], "train/lr");
+    EXPECT_NEAR(lines[i + 5]["value"].get<double>(), 0.1, 1e-7);
+  }
+#endif
 }

@@ -14,6 +14,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
@@ -480,8 +481,16 @@ std::string optimizer_to_bytes(const torch::optim::Optimizer& opt) {
 
 void optimizer_from_bytes(torch::optim::Optimizer& opt, const std::string& bytes) {
   try {
+    // The state goes onto the parameters' device (a checkpoint written on CPU resumes on CUDA).
+    c10::optional<at::Device> device;  // c10::optional: 1.13's load_from takes it (std::optional in 2.x)
+    for (const auto& g : opt.param_groups()) {
+      if (!g.params().empty()) {
+        device = g.params().front().device();
+        break;
+      }
+    }
     torch::serialize::InputArchive archive;
-    archive.load_from(bytes.data(), bytes.size());
+    archive.load_from(bytes.data(), bytes.size(), device);
     opt.load(archive);
   } catch (const c10::Error& e) {
     throw std::runtime_error(std::string("optimizer state does not fit this optimizer: ") + e.what_without_backtrace());

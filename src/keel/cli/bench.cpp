@@ -1,5 +1,6 @@
-// `keel bench step`: training-step throughput of a model on random data, for several precisions
-// measured alternately in the same run (ratios, not absolute seconds, are what to compare).
+// `keel bench step` / `keel bench infer`: training-step or inference throughput of a model on random
+// data, for several precisions measured alternately in the same run (ratios, not absolute seconds,
+// are what to compare).
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "keel/cli/commands.h"
+#include "keel/device/device.h"
 #include "keel/memory/cpu_allocator.h"
 #include "keel/models/registry.h"
 #include "keel/train/optimizer.h"
@@ -25,6 +27,8 @@ struct BenchArgs {
   std::string model = "resnet18";
   int64_t size = 64, batch = 64, channels = 3, classes = 10, steps = 10, warmup = 3, repeats = 3, threads = 0;
   std::string precisions = "fp32,bf16";
+  std::string device = "auto";
+  bool infer = false;  // forward only, eval mode, no autograd (keel bench infer)
   bool channels_last = true;
   bool json = false;
 };
@@ -36,11 +40,29 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-// Images per second of `steps` optimizer steps (after `warmup`) with the given precision.
+// Images per second of `steps` optimizer steps (or forward passes, for infer) after `warmup`,
+// with the given precision, on the resolved device.
 double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_bytes) {
   torch::manual_seed(0);
+  const at::Device dev = device::resolve(a.device);
   auto model = models::create({a.model, a.channels, a.classes});
+  model->to(dev);
   if (a.channels_last) train::model_to_channels_last(*model);
+  at::Tensor x = at::randn({a.batch, a.channels, a.size, a.size}, at::TensorOptions().device(dev));
+  if (a.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (a.infer) {
+    model->eval();
+    c10::InferenceMode no_autograd;
+    for (int64_t i = 0; i < a.warmup; ++i) train::forward_logits(*model, x, precision);
+    device::synchronize(dev);
+    device::reset_peak(dev);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < a.steps; ++i) train::forward_logits(*model, x, precision);
+    device::synchronize(dev);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    *peak_bytes = device::memory_stats(dev).peak;
+    return static_cast<double>(a.steps * a.batch) / s;
+  }
   model->train();
   train::OptimizerOptions oo;
   oo.lr = 0.01;
@@ -50,15 +72,15 @@ double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_b
   so.channels_last = a.channels_last;
   so.guard.snapshot_every = 1 << 30;  // measure the step itself, not snapshots
   train::StepRunner runner(*model, *opt, so, [](int64_t) { return 0.01; });
-  at::Tensor x = at::randn({a.batch, a.channels, a.size, a.size});
-  if (a.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y = at::randint(0, a.classes, {a.batch}, at::kLong);
+  at::Tensor y = at::randint(0, a.classes, {a.batch}, at::TensorOptions(at::kLong).device(dev));
   for (int64_t i = 0; i < a.warmup; ++i) runner.run(x, y);
-  memory::reset_peak();
+  device::synchronize(dev);  // (each step also syncs once, for the guard)
+  device::reset_peak(dev);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < a.steps; ++i) runner.run(x, y);
+  device::synchronize(dev);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  *peak_bytes = memory::cpu_stats().peak;
+  *peak_bytes = device::memory_stats(dev).peak;
   return static_cast<double>(a.steps * a.batch) / s;
 }
 
@@ -69,19 +91,25 @@ Runner add_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "benchmarks (ratios measured in the same run)");
   bench->require_subcommand(1);
   auto* step = bench->add_subcommand("step", "training-step throughput per precision on random data");
-  step->add_option("--model", a->model, "registered model name")->capture_default_str();
-  step->add_option("--size", a->size, "image height and width")->capture_default_str();
-  step->add_option("--batch", a->batch, "batch size")->capture_default_str();
-  step->add_option("--channels", a->channels, "input channels")->capture_default_str();
-  step->add_option("--classes", a->classes, "classes")->capture_default_str();
-  step->add_option("--steps", a->steps, "measured steps per repeat")->capture_default_str();
-  step->add_option("--warmup", a->warmup, "unmeasured steps before each repeat")->capture_default_str();
-  step->add_option("--repeats", a->repeats, "repeats per precision, alternated; the median is reported")
-      ->capture_default_str();
-  step->add_option("--precisions", a->precisions, "comma-separated: fp32,bf16")->capture_default_str();
-  step->add_option("--threads", a->threads, "intra-op threads (0 = all cores)")->capture_default_str();
-  step->add_flag("!--no-channels-last", a->channels_last, "use NCHW instead of channels_last");
-  step->add_flag("--json", a->json, "print the result as one JSON object on the last line");
+  auto* infer = bench->add_subcommand("infer", "inference throughput (eval mode, no autograd) per precision");
+  infer->callback([a] { a->infer = true; });
+  for (auto* sub : {step, infer}) {
+    sub->add_option("--model", a->model, "registered model name")->capture_default_str();
+    sub->add_option("--size", a->size, "image height and width")->capture_default_str();
+    sub->add_option("--batch", a->batch, "batch size")->capture_default_str();
+    sub->add_option("--channels", a->channels, "input channels")->capture_default_str();
+    sub->add_option("--classes", a->classes, "classes")->capture_default_str();
+    sub->add_option("--steps", a->steps, "measured steps (forward passes) per repeat")->capture_default_str();
+    sub->add_option("--warmup", a->warmup, "unmeasured steps before each repeat")->capture_default_str();
+    sub->add_option("--repeats", a->repeats, "repeats per precision, alternated; the median is reported")
+        ->capture_default_str();
+    sub->add_option("--precisions", a->precisions, "comma-separated: fp32,bf16,fp16 (fp16: CUDA)")
+        ->capture_default_str();
+    sub->add_option("--threads", a->threads, "intra-op threads (0 = all cores)")->capture_default_str();
+    sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (as run.device)")->capture_default_str();
+    sub->add_flag("!--no-channels-last", a->channels_last, "use NCHW instead of channels_last");
+    sub->add_flag("--json", a->json, "print the result as one JSON object on the last line");
+  }
   return [a] {
     const int threads = train::configure_threads(a->threads);
     memory::install_cpu_allocator();
@@ -95,15 +123,19 @@ Runner add_bench(CLI::App& app) {
         peak[p] = std::max(peak[p], pk);
       }
     }
-    nlohmann::json out = {{"model", a->model}, {"size", a->size}, {"batch", a->batch}, {"threads", threads},
+    const std::string dev = device::resolve(a->device).str();
+    nlohmann::json out = {{"mode", a->infer ? "infer" : "train"}, {"model", a->model}, {"size", a->size},
+                          {"batch", a->batch}, {"threads", threads}, {"device", dev},
                           {"channels_last", a->channels_last}};
     const std::string& base = precisions.front();
     auto median = [](std::vector<double> v) {
       std::sort(v.begin(), v.end());
       return v[v.size() / 2];
     };
-    fmt::print("{} {}x{} batch {} ({}), {} threads, median of {} repeats of {} steps:\n", a->model, a->size,
-               a->size, a->batch, a->channels_last ? "channels_last" : "NCHW", threads, a->repeats, a->steps);
+    fmt::print("{} {} {}x{} batch {} ({}) on {}, {} threads, median of {} repeats of {} {}:\n",
+               a->infer ? "inference" : "training", a->model, a->size, a->size, a->batch,
+               a->channels_last ? "channels_last" : "NCHW", dev, threads, a->repeats, a->steps,
+               a->infer ? "forward passes" : "steps");
     for (const auto& p : precisions) {
       const double m = median(ips[p]), ratio = m / median(ips[base]);
       fmt::print("  {:5s} {:8.1f} images/s  x{:.2f} vs {}  peak {:.1f} MiB\n", p, m, ratio, base,

@@ -25,38 +25,55 @@ inline std::string torch_version() { return TORCH_VERSION; }
 #define KEEL_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
-// RAII autocast on CPU (1.13 has the setters but no guard). Restores the previous state and
-// clears the cast cache when it leaves, as torch.autocast's __exit__ does.
-class CpuAutocastGuard {
+// RAII autocast for one device type, kCPU or kCUDA (1.13 has the setters but no guard, and different
+// setter names per device). Restores the previous state and clears the cast cache when it leaves, as
+// torch.autocast's __exit__ does.
+class AutocastGuard {
  public:
-  CpuAutocastGuard(bool enabled, at::ScalarType dtype) {
-#if KEEL_TORCH_AT_LEAST(2, 4)
-    prev_enabled_ = at::autocast::is_autocast_enabled(at::kCPU);
-    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCPU);
-    at::autocast::set_autocast_enabled(at::kCPU, enabled);
-    at::autocast::set_autocast_dtype(at::kCPU, dtype);
-#else
-    prev_enabled_ = at::autocast::is_cpu_enabled();
-    prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
-    at::autocast::set_cpu_enabled(enabled);
-    at::autocast::set_autocast_cpu_dtype(dtype);
-#endif
+  AutocastGuard(at::DeviceType device, bool enabled, at::ScalarType dtype) : device_(device) {
+    TORCH_CHECK(device == at::kCPU || device == at::kCUDA, "autocast: unsupported device type ", device);
+    prev_enabled_ = is_enabled(device_);
+    prev_dtype_ = get_dtype(device_);
+    set(device_, enabled, dtype);
     at::autocast::increment_nesting();
   }
-  ~CpuAutocastGuard() {
+  ~AutocastGuard() {
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-#if KEEL_TORCH_AT_LEAST(2, 4)
-    at::autocast::set_autocast_enabled(at::kCPU, prev_enabled_);
-    at::autocast::set_autocast_dtype(at::kCPU, prev_dtype_);
-#else
-    at::autocast::set_cpu_enabled(prev_enabled_);
-    at::autocast::set_autocast_cpu_dtype(prev_dtype_);
-#endif
+    set(device_, prev_enabled_, prev_dtype_);
   }
-  CpuAutocastGuard(const CpuAutocastGuard&) = delete;
-  CpuAutocastGuard& operator=(const CpuAutocastGuard&) = delete;
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
 
  private:
+  static bool is_enabled(at::DeviceType d) {
+#if KEEL_TORCH_AT_LEAST(2, 4)
+    return at::autocast::is_autocast_enabled(d);
+#else
+    return d == at::kCPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+  }
+  static at::ScalarType get_dtype(at::DeviceType d) {
+#if KEEL_TORCH_AT_LEAST(2, 4)
+    return at::autocast::get_autocast_dtype(d);
+#else
+    return d == at::kCPU ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
+#endif
+  }
+  static void set(at::DeviceType d, bool enabled, at::ScalarType dtype) {
+#if KEEL_TORCH_AT_LEAST(2, 4)
+    at::autocast::set_autocast_enabled(d, enabled);
+    at::autocast::set_autocast_dtype(d, dtype);
+#else
+    if (d == at::kCPU) {
+      at::autocast::set_cpu_enabled(enabled);
+      at::autocast::set_autocast_cpu_dtype(dtype);
+    } else {
+      at::autocast::set_enabled(enabled);
+      at::autocast::set_autocast_gpu_dtype(dtype);
+    }
+#endif
+  }
+  at::DeviceType device_;
   bool prev_enabled_;
   at::ScalarType prev_dtype_;
 };

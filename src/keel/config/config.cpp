@@ -123,6 +123,14 @@ const std::vector<Field>& schema() {
         "Seed of model initialisation, sampler order and augmentation.", ">= 0", int_at_least(0)));
     f.push_back(make_field<C::Run, int64_t>("run.threads", &C::run, &C::Run::threads,
         "Intra-op threads; 0 uses every core (LibTorch alone may pick fewer).", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Run, std::string>("run.device", &C::run, &C::Run::device,
+        "Where the model trains: `auto` (the first CUDA GPU when this keel has CUDA and one is usable, else the "
+        "CPU), `cpu`, `cuda` or `cuda:N`.", "auto, cpu, cuda, cuda:N", [](const std::string& s) {
+          const bool ok = s == "auto" || s == "cpu" || s == "cuda" ||
+                          (s.rfind("cuda:", 0) == 0 && s.size() > 5 &&
+                           s.find_first_not_of("0123456789", 5) == std::string::npos);
+          return ok ? "" : "auto, cpu, cuda or cuda:N";
+        }));
     // data
     const std::vector<std::string> datasets = {"fashion-mnist", "mnist", "idx"};
     f.push_back(make_field<C::Data, std::string>("data.dataset", &C::data, &C::Data::dataset,

@@ -20,6 +20,7 @@ struct Config {
     std::string dir = "runs";       // parent of run directories
     int64_t seed = 0;               // seeds model init, sampler and augmentation
     int64_t threads = 0;            // intra-op threads; 0 = all cores
+    std::string device = "auto";    // auto | cpu | cuda | cuda:N
   } run;
   struct Data {
     std::string dataset = "fashion-mnist";  // idx | fashion-mnist | mnist

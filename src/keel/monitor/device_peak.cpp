@@ -6,15 +6,19 @@
 #include <fstream>
 #include <vector>
 
+#include "keel/device/device.h"
+
 namespace keel::monitor {
 
-double measure_gemm_gflops(int64_t n, at::ScalarType dtype, int reps) {
-  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
-  at::Tensor c = at::mm(a, b);  // warm-up (thread pool, packing buffers)
+double measure_gemm_gflops(int64_t n, at::ScalarType dtype, int reps, at::Device device) {
+  at::Tensor a = at::randn({n, n}).to(device, dtype), b = at::randn({n, n}).to(device, dtype);
+  at::Tensor c = at::mm(a, b);  // warm-up (thread pool, packing buffers, cuBLAS handle)
+  device::synchronize(device);
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
     auto t0 = std::chrono::steady_clock::now();
     c = at::mm(a, b);
+    device::synchronize(device);  // CUDA kernels are asynchronous: time them to completion
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(t.begin(), t.end());

@@ -20,7 +20,7 @@ at::Tensor LossScaler::scale(const at::Tensor& loss) const {
 }
 
 at::Tensor LossScaler::unscale_(const std::vector<at::Tensor>& grads) const {
-  at::Tensor found = at::zeros({}, at::kFloat);
+  at::Tensor found = at::zeros({}, scale_.options());
   if (grads.empty()) return found;
   const at::Tensor inv = scale_.reciprocal();
   std::vector<at::Tensor> finite;
@@ -28,8 +28,8 @@ at::Tensor LossScaler::unscale_(const std::vector<at::Tensor>& grads) const {
   for (const auto& g : grads) {
     if (!g.defined()) continue;
     if (opts_.enabled) g.mul_(inv.to(g.device()));
-    // all() of isfinite per tensor, reduced below: no host sync here.
-    finite.push_back(g.isfinite().all().to(at::kCPU));
+    // all() of isfinite per tensor, reduced below on the gradients' device: no host sync here.
+    finite.push_back(g.isfinite().all());
   }
   if (finite.empty()) return found;
   return at::stack(finite).logical_not().any().to(at::kFloat);
@@ -38,7 +38,7 @@ at::Tensor LossScaler::unscale_(const std::vector<at::Tensor>& grads) const {
 void LossScaler::update(const at::Tensor& found_inf) {
   if (!opts_.enabled) return;
   // Written with where() so it stays on the tensor side (one sync per step is the caller's).
-  at::Tensor inf = found_inf.to(at::kCPU).gt(0);
+  at::Tensor inf = found_inf.to(scale_.device()).gt(0);
   at::Tensor grown = tracker_ + 1;
   at::Tensor do_grow = grown.ge(opts_.growth_interval).logical_and(inf.logical_not());
   scale_ = at::where(inf, scale_ * opts_.backoff_factor, at::where(do_grow, scale_ * opts_.growth_factor, scale_));
@@ -53,8 +53,13 @@ nlohmann::json LossScaler::state() const {
 }
 
 void LossScaler::load_state(const nlohmann::json& s) {
-  scale_ = at::full({}, s.at("scale").get<double>(), at::kFloat);
-  tracker_ = at::full({}, s.at("growth_tracker").get<int64_t>(), at::kInt);
+  scale_ = at::full({}, s.at("scale").get<double>(), scale_.options());
+  tracker_ = at::full({}, s.at("growth_tracker").get<int64_t>(), tracker_.options());
+}
+
+void LossScaler::to(const at::Device& d) {
+  scale_ = scale_.to(d);
+  tracker_ = tracker_.to(d);
 }
 
 }  // namespace keel::train

@@ -37,6 +37,9 @@ class LossScaler {
 
   nlohmann::json state() const;
   void load_state(const nlohmann::json& s);
+  // Keeps the scale and counter on the training device (the gradients' device), so that scaling,
+  // unscaling and updating never copy between host and device.
+  void to(const at::Device& d);
 
  private:
   LossScalerOptions opts_;

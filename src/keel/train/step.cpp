@@ -8,7 +8,7 @@
 #include <torch/torch.h>
 
 #include "keel/compat/torch_compat.h"
-#include "keel/memory/cpu_allocator.h"
+#include "keel/device/device.h"
 #include "keel/memory/oom.h"
 #include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
@@ -16,15 +16,14 @@
 namespace keel::train {
 
 at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision) {
-  // x: (N, C, H, W) float -> logits (N, K) float
-  if (precision == "bf16") {
-    compat::CpuAutocastGuard autocast(true, at::kBFloat16);
-    return model.forward(x).to(at::kFloat);
-  }
-  if (precision == "fp16") {
-    TORCH_CHECK(x.is_cuda(), "train.precision = \"fp16\" needs a CUDA device (CPU autocast supports bf16 only)");
-  }
-  return model.forward(x);
+  // x: (N, C, H, W) float -> logits (N, K) float. Autocast on the device x lives on: bf16 on CPU
+  // and CUDA, fp16 on CUDA only (CPU autocast has no fp16 policy).
+  if (precision == "fp32") return model.forward(x);
+  TORCH_CHECK(precision == "bf16" || precision == "fp16", "unknown precision \"", precision, "\"");
+  TORCH_CHECK(precision == "bf16" || x.is_cuda(),
+              "train.precision = \"fp16\" needs a CUDA device (CPU autocast supports bf16 only)");
+  compat::AutocastGuard autocast(x.device().type(), true, precision == "bf16" ? at::kBFloat16 : at::kHalf);
+  return model.forward(x).to(at::kFloat);
 }
 
 StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
@@ -32,6 +31,8 @@ StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOpt
     : model_(model), opt_(opt), o_(std::move(o)), lr_at_(std::move(lr_at)), ema_(ema), timer_(timer),
       scaler_(o_.scaler) {
   for (auto& p : model_.parameters()) if (p.requires_grad()) params_.push_back(p);
+  if (!params_.empty()) device_ = params_.front().device();
+  scaler_.to(device_);
 }
 
 void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss,
@@ -72,7 +73,7 @@ std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
   FaultInjector inj(o_.inject.where, &loc);
   const bool inject = o_.inject.active_at(attempts_);
   const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
-  at::Tensor ls = at::zeros({}, at::kDouble), c = at::zeros({}, at::kLong);
+  at::Tensor ls = at::zeros({}, x.options().dtype(at::kDouble)), c = at::zeros({}, x.options().dtype(at::kLong));
   forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? static_cast<models::Watcher*>(&inj) : &loc,
                    ls, c);
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
@@ -122,7 +123,7 @@ void StepRunner::restore_snapshot() {
   for (size_t i = 0; i < bs.size(); ++i) bs[i].copy_(snapshot_->buffers[i]);
   std::istringstream is(snapshot_->optimizer);
   torch::serialize::InputArchive ar;
-  ar.load_from(is);
+  ar.load_from(is, device_);
   opt_.load(ar);
   scaler_.load_state(snapshot_->scaler);
 }
@@ -149,8 +150,8 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     for (size_t i = 0; i < buffers.size(); ++i) buffer_backup_[i].copy_(buffers[i]);
   }
   opt_.zero_grad();
-  r.loss = at::zeros({}, at::kDouble);
-  r.correct = at::zeros({}, at::kLong);
+  r.loss = at::zeros({}, x.options().dtype(at::kDouble));
+  r.correct = at::zeros({}, x.options().dtype(at::kLong));
   FaultInjector inj(o_.inject.where, nullptr);
   const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
   // Out-of-memory recovery: the failed attempt's tensors are released when its frames unwind;
@@ -172,7 +173,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     const int64_t n = x.size(0);
     const int64_t current = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
     if (current <= 1) {
-      const auto st = memory::cpu_stats();
+      const auto st = device::memory_stats(device_);
       throw std::runtime_error(fmt::format(
           "out of memory at micro-batch 1 (step {}): {}. Tried micro-batches down from {}; peak memory {} "
           "bytes{}. Lower the image size or model, raise memory.budget, or use train.precision = \"bf16\".",
@@ -201,10 +202,10 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   std::vector<at::Tensor> norms;
   norms.reserve(grads.size());
   for (auto& g : grads) norms.push_back(g.norm(2).to(at::kFloat));
-  r.grad_norm = norms.empty() ? at::zeros({}, at::kFloat) : at::stack(norms).norm(2);
+  r.grad_norm = norms.empty() ? at::zeros({}, x.options().dtype(at::kFloat)) : at::stack(norms).norm(2);
   // The step's one host sync: the guard must know whether to apply the update.
   // found_inf and the loss come back together, so the spike check costs no extra sync.
-  const at::Tensor host = at::stack({found_inf.to(at::kDouble), r.loss.to(at::kDouble)});
+  const at::Tensor host = at::stack({found_inf.to(at::kDouble), r.loss.to(at::kDouble)}).to(at::kCPU);
   const double* hv = host.data_ptr<double>();
   bool nonfinite = hv[0] > 0;
   const double loss_value = hv[1];

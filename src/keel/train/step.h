@@ -114,6 +114,7 @@ class StepRunner {
   Ema* ema_;
   monitor::StepTimer* timer_;
   LossScaler scaler_;
+  at::Device device_{at::kCPU};  // where the parameters live (the training device)
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> buffer_backup_;  // BN statistics before this step's forward
   int64_t oom_recoveries_ = 0;

@@ -14,6 +14,7 @@
 #include "keel/checkpoint/checkpoint.h"
 #include "keel/data/idx.h"
 #include "keel/data/subset.h"
+#include "keel/device/device.h"
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/memory/budget.h"
@@ -124,6 +125,11 @@ models::NetPtr make_model(const config::Config& cfg) {
   if (!cfg.model.weights.empty()) {
     models::load_state_dict(*model, models::read_state_dict(cfg.model.weights));
   }
+  try {
+    model->to(device::resolve(cfg.run.device));
+  } catch (const std::invalid_argument& e) {
+    throw config::ConfigError(e.what());  // names run.device and why it cannot be used
+  }
   return model;
 }
 
@@ -133,16 +139,19 @@ EvalResult evaluate(models::Net& model, data::Loader& loader, const data::Device
   torch::NoGradGuard no_grad;
   model.eval();
   loader.start_epoch(0);
-  at::Tensor loss_sum = at::zeros({}, at::kDouble), top1 = at::zeros({}, at::kLong),
-             top5 = at::zeros({}, at::kLong);
+  device::Uploader up(device::of(model));
+  const auto on_device = at::TensorOptions().device(up.device());
+  at::Tensor loss_sum = at::zeros({}, on_device.dtype(at::kDouble)), top1 = at::zeros({}, on_device.dtype(at::kLong)),
+             top5 = at::zeros({}, on_device.dtype(at::kLong));
   int64_t n = 0;
   while (auto b = loader.next()) {
-    at::Tensor x = to_layout(aug.eval(b->images), channels_last);  // (N, C, H, W)
-    at::Tensor logits = forward_logits(model, x, precision);        // (N, K)
-    loss_sum += at::cross_entropy_loss(logits, b->labels, {}, at::Reduction::Sum).to(at::kDouble);
+    at::Tensor x = to_layout(aug.eval(up.upload(b->images)), channels_last);  // (N, C, H, W)
+    at::Tensor y = up.upload(b->labels);                                      // (N)
+    at::Tensor logits = forward_logits(model, x, precision);                  // (N, K)
+    loss_sum += at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum).to(at::kDouble);
     const int64_t k = std::min<int64_t>(5, logits.size(1));
     at::Tensor pred = std::get<1>(logits.topk(k, 1));  // (N, k)
-    at::Tensor hit = pred.eq(b->labels.view({-1, 1}));
+    at::Tensor hit = pred.eq(y.view({-1, 1}));
     top1 += hit.select(1, 0).sum();
     top5 += hit.any(1).sum();
     n += b->labels.size(0);
@@ -177,6 +186,7 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
         cfg_.model.num_classes, cfg_.data.root, train_set_->num_classes() - 1, train_set_->num_classes()));
   }
   model_ = make_model(cfg_);
+  device_ = device::of(*model_);
   if (cfg_.train.channels_last) model_to_channels_last(*model_);
 
   OptimizerOptions oo;
@@ -222,6 +232,7 @@ FitResult Trainer::fit(const std::string& resume) {
     memory::set_cpu_budget(std::nullopt);
   }
   memory::reset_peak();
+  device::reset_peak(device_);
   data::Loader train_loader(train_set_, loader_options(cfg_, true));
   data::Loader test_loader(test_set_, loader_options(cfg_, false));
   data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
@@ -235,11 +246,16 @@ FitResult Trainer::fit(const std::string& resume) {
   const auto shape = train_set_->shape();
   // Utilisation: model FLOPs (forward x 3 for forward + backward) against the measured GEMM peak.
   const double flops_per_image = 3.0 * 2.0 * model_->macs_per_image(shape.height, shape.width);
-  const double peak_gflops = monitor::measure_gemm_gflops(
-      512, tc.precision == "bf16" && monitor::cpu_supports_bf16() ? at::kBFloat16 : at::kFloat, 5);
-  fmt::print("keel: {} on {} ({} train / {} test images, {}x{}x{}), {} threads, {} loader workers\n",
+  // The peak in the precision the step computes in (CPU bf16 only where the CPU has bf16 units).
+  const at::ScalarType peak_dtype = tc.precision == "fp16"   ? at::kHalf
+                                    : tc.precision == "bf16" && (device_.is_cuda() || monitor::cpu_supports_bf16())
+                                        ? at::kBFloat16
+                                        : at::kFloat;
+  const double peak_gflops =
+      monitor::measure_gemm_gflops(device_.is_cuda() ? 4096 : 512, peak_dtype, 5, device_);
+  fmt::print("keel: {} on {} ({} train / {} test images, {}x{}x{}) on {}, {} threads, {} loader workers\n",
              cfg_.model.name, cfg_.data.dataset, train_set_->size(), test_set_->size(), shape.channels, shape.height,
-             shape.width, threads, train_loader.options().workers());
+             shape.width, device_.str(), threads, train_loader.options().workers());
   fmt::print("keel: {} epochs x {} steps of batch {}{} ({} steps), {} lr {} ({}), precision {}{}\n", epochs,
              per_epoch, tc.batch_size,
              tc.micro_batch > 0 ? fmt::format(" = {} x micro-batch {}", tc.batch_size / tc.micro_batch, tc.micro_batch)
@@ -283,6 +299,7 @@ FitResult Trainer::fit(const std::string& resume) {
   std::unique_ptr<Ema> ema;
   if (cfg_.ema.enabled) {
     models::NetPtr shadow = models::create({cfg_.model.name, cfg_.model.in_channels, cfg_.model.num_classes});
+    shadow->to(device_);
     if (tc.channels_last) model_to_channels_last(*shadow);
     ema = std::make_unique<Ema>(shadow, *model_, cfg_.ema.decay);
   }
@@ -368,7 +385,8 @@ FitResult Trainer::fit(const std::string& resume) {
     if (peak_gflops > 0 && flops_per_image > 0) {
       m.utilisation = st.images_per_second() * flops_per_image / (peak_gflops * 1e9);
     }
-    const auto mem = memory::cpu_stats();
+    const auto mem = device::memory_stats(device_);
+    m.on_cuda = device_.is_cuda();
     m.peak_memory_bytes = mem.peak;
     if (mem.budget > 0) m.memory_budget_bytes = mem.budget;
     m.precision = tc.precision;
@@ -382,11 +400,13 @@ FitResult Trainer::fit(const std::string& resume) {
   bool stop = false, killed = false;
   monitor::Progress progress(total_steps, cfg_.model.name,
                              monitor::ProgressOptions().set_line_every(tc.log_every).set_out(stdout));
+  device::Uploader upload(device_);
+  const auto on_device = at::TensorOptions().device(device_);
   for (int64_t epoch = start_epoch; epoch < epochs && runner.steps() < total_steps && !stop && !killed; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
     const auto t_epoch = Clock::now();
-    at::Tensor loss_sum = at::zeros({}, at::kDouble), correct = at::zeros({}, at::kLong);
+    at::Tensor loss_sum = at::zeros({}, on_device.dtype(at::kDouble)), correct = at::zeros({}, on_device.dtype(at::kLong));
     int64_t seen = 0, window_steps = 0, batch_in_epoch = 0;
     if (epoch == start_epoch && skip_batches > 0) {
       // The order is a pure function of (seed, epoch): skipping the consumed batches puts the
@@ -398,7 +418,7 @@ FitResult Trainer::fit(const std::string& resume) {
       correct.fill_(resumed_acc.at("correct").get<int64_t>());
       seen = resumed_acc.at("seen");
     }
-    at::Tensor window_loss = at::zeros({}, at::kDouble), last_norm = at::zeros({}, at::kFloat);
+    at::Tensor window_loss = at::zeros({}, on_device.dtype(at::kDouble)), last_norm = at::zeros({}, on_device.dtype(at::kFloat));
     double lr = 0;
     while (runner.steps() < total_steps) {
       timer.begin_step();
@@ -409,11 +429,12 @@ FitResult Trainer::fit(const std::string& resume) {
         break;
       }
       ++batch_in_epoch;
-      // CPU training: the batch is already where it computes; the CUDA copy would be timed here.
+      // CUDA: pinned side-stream copy (queued, not waited for); CPU: nothing to copy.
+      at::Tensor images = upload.upload(b->images), labels = upload.upload(b->labels);
       timer.mark(monitor::Phase::kH2D);
-      at::Tensor x = to_layout(aug.train(b->images), tc.channels_last);  // (N, C, H, W) float
+      at::Tensor x = to_layout(aug.train(images), tc.channels_last);  // (N, C, H, W) float
       timer.mark(monitor::Phase::kOther);
-      StepResult r = runner.run(x, b->labels);
+      StepResult r = runner.run(x, labels);
       lr = r.lr;
       for (const auto& note : r.notes) {
         progress.message("memory: " + note);
@@ -440,7 +461,7 @@ FitResult Trainer::fit(const std::string& resume) {
         const monitor::StepStats w = timer.take_window();
         const double wl = window_loss.item<double>() / static_cast<double>(window_steps);
         const double gn = last_norm.item<double>();
-        const auto mem = memory::cpu_stats();
+        const auto mem = device::memory_stats(device_);
         monitor::RunLogger::Scalars vals = {{"loss", wl}, {"lr", lr}, {"grad_norm", gn},
                                             {"images_per_second", w.images_per_second()},
                                             {"step_seconds", w.mean_step_seconds()}};
@@ -488,7 +509,7 @@ FitResult Trainer::fit(const std::string& resume) {
     res.train_top1 = seen ? static_cast<double>(correct.item<int64_t>()) / seen : 0.0;
 
     res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
-    const auto mem = memory::cpu_stats();
+    const auto mem = device::memory_stats(device_);
     progress.message(fmt::format(
         "epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}% | "
         "{:.0f} img/s, data wait {:.1f}%, peak memory {}",
@@ -567,7 +588,7 @@ FitResult Trainer::fit(const std::string& resume) {
   res.train_seconds = train_seconds;
   res.images_per_second = run_stats.images_per_second();
   res.data_wait_share = run_stats.share(monitor::Phase::kDataWait);
-  res.peak_memory_bytes = memory::cpu_stats().peak;
+  res.peak_memory_bytes = device::memory_stats(device_).peak;
 
   if (cfg_.checkpoint.save_final) {
     const std::string dir = ckpt_dir;

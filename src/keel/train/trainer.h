@@ -61,7 +61,7 @@ int configure_threads(int64_t requested);
 // Builds the dataset split a config names (train or test), honouring the *_limit keys.
 std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train);
 
-// Builds the model a config names, checking it against the data shape, and loads model.weights.
+// Builds the model a config names, loads model.weights and puts it on run.device (resolved).
 models::NetPtr make_model(const config::Config& cfg);
 
 // Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
@@ -93,6 +93,7 @@ class Trainer {
   std::string run_dir_;
   std::shared_ptr<const data::Dataset> train_set_, test_set_;
   models::NetPtr model_;
+  at::Device device_{at::kCPU};  // resolved run.device
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   ScheduleOptions schedule_;
 };
