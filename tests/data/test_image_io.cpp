@@ -83,13 +83,14 @@ TEST(ImageIo, GrayOutputIsLumaOfTheColours) {
     dec.decode(bytes.data(), bytes.size(), 1, 1.0, gray);
     ASSERT_EQ(gray.channels, 1);
     ASSERT_EQ(gray.data.size(), rgb.data.size() / 3) << name;
-    // JPEG gray is the decoder's Y plane; PNG/CMYK gray is PIL's luma of the RGB: both within 2.
+    // JPEG gray is the decoder's Y plane (before chroma upsampling), PNG/CMYK gray PIL's luma of
+    // the RGB: within 3 grey levels of the luma of the RGB decode.
     int worst = 0;
     for (size_t i = 0; i < gray.data.size(); ++i) {
       const double y = 0.299 * rgb.data[3 * i] + 0.587 * rgb.data[3 * i + 1] + 0.114 * rgb.data[3 * i + 2];
       worst = std::max(worst, static_cast<int>(std::lround(std::abs(y - gray.data[i]))));
     }
-    EXPECT_LE(worst, 2) << name;
+    EXPECT_LE(worst, 3) << name;
   }
 }
 
@@ -107,11 +108,18 @@ TEST(ImageIo, DctScalingPicksTheSmallestFactorCoveringTheCrop) {
 }
 
 TEST(ImageIo, CropBoxesFollowTorchvision) {
-  const CropBox c = center_crop_box(100, 80, 40, 32);  // shorter side 80 -> 40: 2 source px per output px
-  EXPECT_DOUBLE_EQ(c.w, 64);
-  EXPECT_DOUBLE_EQ(c.h, 64);
-  EXPECT_DOUBLE_EQ(c.x, 18);
-  EXPECT_DOUBLE_EQ(c.y, 8);
+  const CenterCrop cc = center_crop(100, 80, 40, 32);  // shorter side 80 -> 40: 2 source px per output px
+  EXPECT_EQ(cc.resized_w, 50);
+  EXPECT_EQ(cc.resized_h, 40);
+  EXPECT_EQ(cc.left, 9);
+  EXPECT_EQ(cc.top, 4);
+  EXPECT_DOUBLE_EQ(cc.box.w, 64);
+  EXPECT_DOUBLE_EQ(cc.box.x, 18);
+  EXPECT_DOUBLE_EQ(cc.box.y, 8);
+  // 96 x 72 -> Resize(40) = 53 x 40; (53 - 32) / 2 = 10.5 rounds half-to-even to 10, as Python's round.
+  const CenterCrop odd = center_crop(96, 72, 40, 32);
+  EXPECT_EQ(odd.resized_w, 53);
+  EXPECT_EQ(odd.left, 10);
   // Random-resized-crop boxes: inside the image, area and aspect in range, a pure function of the seed.
   int distinct = 0;
   CropBox prev;
@@ -142,8 +150,9 @@ TEST(ImageIo, CropBoxesFollowTorchvision) {
 }
 
 TEST(ImageFolder, EvalCropMatchesTorchvisionResizeCenterCrop) {
-  // torchvision resizes the whole image then crops; keel resizes the crop region (DCT-scaled by 1/4
-  // for big.jpg) straight to 32x32: a different sampling grid, so equality holds within a tolerance.
+  // Same geometry as torchvision; the differences are stb's triangle filter vs PIL's bilinear
+  // (float vs fixed point, edge handling) and, for big.jpg (256 x 192 -> 53 x 40), a 1/4
+  // DCT-scaled decode before the resize.
   const fs::path root = testing::scratch_dir();
   fs::create_directories(root / "a");
   std::vector<std::string> names(std::begin(kFixtures), std::end(kFixtures));
@@ -163,8 +172,11 @@ TEST(ImageFolder, EvalCropMatchesTorchvisionResizeCenterCrop) {
     const auto expected = slurp(fixtures() / (name + ".eval.rgb"));
     ASSERT_EQ(expected.size(), chw.size()) << name;
     const Diff d = diff(to_hwc(chw, 3, 32, 32).data(), expected.data(), expected.size());
-    EXPECT_LE(d.mean, 3.0) << name << " (max " << d.max << ")";
-    EXPECT_LE(d.max, 40) << name << " (mean " << d.mean << ")";
+    // Full-resolution decodes: only rounding (float vs fixed point) differs. big.jpg: the DCT-scaled
+    // decode loses detail the full decode has (measured: mean 1.63, max 16 grey levels).
+    const bool scaled = name == "big.jpg";
+    EXPECT_LE(d.mean, scaled ? 2.5 : 0.25) << name << " (max " << d.max << ")";
+    EXPECT_LE(d.max, scaled ? 24 : 1) << name << " (mean " << d.mean << ")";
     std::printf("  eval crop vs torchvision, %-12s mean abs diff %.2f, max %d\n", name.c_str(), d.mean, d.max);
   }
 }
@@ -211,15 +223,15 @@ class BadFiles : public ::testing::Test {
     root_ = testing::scratch_dir();
     const fs::path dir = root_ / "c";
     fs::create_directories(dir);
-    const auto px = test::pattern_rgb(40, 30, 1);
-    for (int i = 0; i < 6; ++i) test::write_jpeg((dir / ("good" + std::to_string(i) + ".jpg")).string(), px, 40, 30);
-    test::write_png((dir / "good6.png").string(), px, 40, 30);
+    // Real photographs (the fixtures), so that entropy-coded data, not headers, fill most of the file.
+    for (int i = 0; i < 6; ++i) fs::copy_file(fixtures() / "rgb.jpg", dir / ("good" + std::to_string(i) + ".jpg"));
+    fs::copy_file(fixtures() / "rgba.png", dir / "good6.png");
     const auto jpg = slurp(dir / "good0.jpg"), png = slurp(dir / "good6.png");
     auto write = [&](const std::string& name, const std::vector<uint8_t>& bytes, size_t n) {
       std::ofstream(dir / name, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), n);
     };
     write("bad_empty.jpg", jpg, 0);
-    write("bad_truncated.jpg", jpg, jpg.size() / 2);
+    write("bad_truncated.jpg", jpg, jpg.size() * 2 / 3);
     write("bad_truncated.png", png, png.size() / 2);
     std::vector<uint8_t> junk(500);
     for (size_t i = 0; i < junk.size(); ++i) junk[i] = static_cast<uint8_t>(i * 37 + 11);

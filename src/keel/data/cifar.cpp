@@ -73,7 +73,7 @@ std::unique_ptr<Dataset> make_cifar_split(const std::string& root, int64_t class
     names.push_back(train ? "train.bin" : "test.bin");
   }
   const std::string sub = classes == 10 ? "cifar-10-batches-bin" : "cifar-100-binary";
-  for (const fs::path dir : {fs::path(root), fs::path(root) / sub}) {
+  for (const fs::path& dir : {fs::path(root), fs::path(root) / sub}) {
     std::vector<std::string> files;
     for (const auto& n : names) {
       if (fs::exists(dir / n)) files.push_back((dir / n).string());

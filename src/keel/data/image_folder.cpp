@@ -75,14 +75,20 @@ void ImageFolderDataset::read_sample(size_t index, int64_t epoch, uint8_t* dst) 
   read_file(path, s.bytes);
   int w = 0, h = 0;
   s.decoder.header(s.bytes.data(), s.bytes.size(), &w, &h);
-  const int size = static_cast<int>(opts_.size);
-  const CropBox box =
-      opts_.train ? random_resized_crop_box(w, h, opts_.scale_lo, opts_.scale_hi, opts_.ratio_lo, opts_.ratio_hi,
-                                            mix_seed(opts_.seed, static_cast<uint64_t>(epoch), index))
-                  : center_crop_box(w, h, static_cast<int>(opts_.eval_resize), size);
+  const int size = static_cast<int>(opts_.size), channels = static_cast<int>(opts_.channels);
+  if (!opts_.train) {
+    const CenterCrop cc = center_crop(w, h, static_cast<int>(opts_.eval_resize), size);
+    // A DCT-scaled decode is fine while it keeps at least the resized size.
+    const double min_scale = std::max(static_cast<double>(cc.resized_w) / w, static_cast<double>(cc.resized_h) / h);
+    s.decoder.decode(s.bytes.data(), s.bytes.size(), channels, min_scale, s.pixels);
+    resize_center_crop_to_chw(s.pixels, cc, dst, s.hwc);
+    return;
+  }
+  const CropBox box = random_resized_crop_box(w, h, opts_.scale_lo, opts_.scale_hi, opts_.ratio_lo, opts_.ratio_hi,
+                                              mix_seed(opts_.seed, static_cast<uint64_t>(epoch), index));
   // The decode may shrink by 1/2, 1/4, 1/8 as long as the crop keeps at least `size` pixels.
   const double min_scale = std::max(size / box.w, size / box.h);
-  s.decoder.decode(s.bytes.data(), s.bytes.size(), static_cast<int>(opts_.channels), min_scale, s.pixels);
+  s.decoder.decode(s.bytes.data(), s.bytes.size(), channels, min_scale, s.pixels);
   const double fx = static_cast<double>(s.pixels.width) / w, fy = static_cast<double>(s.pixels.height) / h;
   crop_resize_to_chw(s.pixels, {box.x * fx, box.y * fy, box.w * fx, box.h * fy}, size, size, dst, s.hwc);
 }

@@ -2,8 +2,17 @@
 #include "keel/data/image_io.h"
 
 #include <png.h>
-#include <stb/stb_image_resize.h>
 #include <turbojpeg.h>
+
+// stb_image_resize compiled here (static, private to this file) rather than from Debian's libstb.so,
+// which is built with assertions on: its sanity check on the sum of downsampling weights
+// (`total < 1.1f`) fires for ordinary ratios such as 72 -> 40 with the triangle filter, although
+// the very next line normalises the weights by that sum. Without the assertion the result is the
+// normalised filter, as in any NDEBUG build of stb.
+#define STB_IMAGE_RESIZE_IMPLEMENTATION
+#define STB_IMAGE_RESIZE_STATIC
+#define STBIR_ASSERT(x) ((void)0)
+#include <stb/stb_image_resize.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -43,6 +52,15 @@ inline uint8_t luma(int r, int g, int b) {
 }
 
 std::string tj_reason(void* tj) { return tjGetErrorStr2(static_cast<tjhandle>(tj)); }
+
+// A TurboJPEG 2.1 handle is left mid-stream by an error and then fails on the next good file
+// ("Bogus Huffman table definition"): replace it before reporting any error.
+[[noreturn]] void tj_fail(void*& tj, const std::string& what) {
+  std::string reason = what + tj_reason(tj);
+  tjDestroy(static_cast<tjhandle>(tj));
+  tj = tjInitDecompress();
+  throw std::runtime_error(reason);
+}
 
 // Decodes a PNG to RGBA8 with libpng's simplified API, then keeps RGB or the luma.
 void decode_png(const uint8_t* data, size_t size, int channels, Pixels& out) {
@@ -96,15 +114,18 @@ ImageDecoder::ImageDecoder() : tj_(tjInitDecompress()) {
   if (!tj_) throw std::runtime_error(std::string("tjInitDecompress failed: ") + tjGetErrorStr2(nullptr));
 }
 
-ImageDecoder::~ImageDecoder() { tjDestroy(static_cast<tjhandle>(tj_)); }
+ImageDecoder::~ImageDecoder() {
+  if (tj_) tjDestroy(static_cast<tjhandle>(tj_));
+}
 
 void ImageDecoder::header(const uint8_t* data, size_t size, int* width, int* height) {
   switch (sniff_format(data, size)) {
     case ImageFormat::kJpeg: {
       int subsamp = 0, colorspace = 0;
+      if (!tj_) tj_ = tjInitDecompress();
       if (tjDecompressHeader3(static_cast<tjhandle>(tj_), data, static_cast<unsigned long>(size), width, height,
                               &subsamp, &colorspace) != 0) {
-        throw std::runtime_error("JPEG header: " + tj_reason(tj_));
+        tj_fail(tj_, "JPEG header: ");
       }
       return;
     }
@@ -136,10 +157,11 @@ double ImageDecoder::decode(const uint8_t* data, size_t size, int channels, doub
   }
   if (fmt != ImageFormat::kJpeg) throw std::runtime_error(unknown_format_reason(data, size));
 
+  if (!tj_) tj_ = tjInitDecompress();
   auto* tj = static_cast<tjhandle>(tj_);
   int w = 0, h = 0, subsamp = 0, colorspace = 0;
   if (tjDecompressHeader3(tj, data, static_cast<unsigned long>(size), &w, &h, &subsamp, &colorspace) != 0) {
-    throw std::runtime_error("JPEG header: " + tj_reason(tj_));
+    tj_fail(tj_, "JPEG header: ");
   }
   // The smallest power-of-two factor still >= min_scale; only those the library offers.
   int num = 1, denom = 1;
@@ -166,13 +188,13 @@ double ImageDecoder::decode(const uint8_t* data, size_t size, int channels, doub
   if (!cmyk) {
     if (tjDecompress2(tj, data, static_cast<unsigned long>(size), out.data.data(), sw, 0, sh,
                       channels == 3 ? TJPF_RGB : TJPF_GRAY, 0) != 0) {
-      throw std::runtime_error("JPEG decode failed: " + tj_reason(tj_));
+      tj_fail(tj_, "JPEG decode failed: ");
     }
     return 1.0 / denom;
   }
   cmyk_.resize(static_cast<size_t>(sw) * sh * 4);
   if (tjDecompress2(tj, data, static_cast<unsigned long>(size), cmyk_.data(), sw, 0, sh, TJPF_CMYK, 0) != 0) {
-    throw std::runtime_error("JPEG decode failed: " + tj_reason(tj_));
+    tj_fail(tj_, "JPEG decode failed: ");
   }
   // Stored values are Adobe-inverted (c' = 255 - c); PIL's cmyk2rgb on the true values gives
   // r = (255 - k) - (c * (255 - k)) / 255 = k' - muldiv255(255 - c', k').
@@ -193,36 +215,56 @@ double ImageDecoder::decode(const uint8_t* data, size_t size, int channels, doub
   return 1.0 / denom;
 }
 
-void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, uint8_t* dst,
-                        std::vector<uint8_t>& hwc) {
-  const int W = src.width, H = src.height, C = src.channels;
-  int x0 = static_cast<int>(std::lround(box.x)), y0 = static_cast<int>(std::lround(box.y));
-  x0 = std::clamp(x0, 0, W - 1);
-  y0 = std::clamp(y0, 0, H - 1);
-  const int w = std::clamp(static_cast<int>(std::lround(box.w)), 1, W - x0);
-  const int h = std::clamp(static_cast<int>(std::lround(box.h)), 1, H - y0);
+namespace {
+
+// Resizes a whole-pixel window of src to out_w x out_h into hwc (triangle filter, linear space).
+void resize_window(const Pixels& src, int x0, int y0, int w, int h, int out_w, int out_h, std::vector<uint8_t>& hwc) {
+  const int W = src.width, C = src.channels;
   const uint8_t* origin = src.data.data() + (static_cast<size_t>(y0) * W + x0) * C;
-  const size_t plane = static_cast<size_t>(out_w) * out_h;
-  hwc.resize(plane * C);
+  hwc.resize(static_cast<size_t>(out_w) * out_h * C);
   if (w == out_w && h == out_h) {
     for (int y = 0; y < h; ++y) {
       std::memcpy(&hwc[static_cast<size_t>(y) * out_w * C], origin + static_cast<size_t>(y) * W * C,
                   static_cast<size_t>(w) * C);
     }
-  } else if (!stbir_resize_uint8_generic(origin, w, h, W * C, hwc.data(), out_w, out_h, out_w * C, C,
-                                         STBIR_ALPHA_CHANNEL_NONE, 0, STBIR_EDGE_CLAMP, STBIR_FILTER_TRIANGLE,
-                                         STBIR_COLORSPACE_LINEAR, nullptr)) {
+    return;
+  }
+  if (!stbir_resize_uint8_generic(origin, w, h, W * C, hwc.data(), out_w, out_h, out_w * C, C,
+                                  STBIR_ALPHA_CHANNEL_NONE, 0, STBIR_EDGE_CLAMP, STBIR_FILTER_TRIANGLE,
+                                  STBIR_COLORSPACE_LINEAR, nullptr)) {
     throw std::runtime_error("stb_image_resize failed (" + std::to_string(w) + "x" + std::to_string(h) + " -> " +
                              std::to_string(out_w) + "x" + std::to_string(out_h) + ")");
   }
-  // HWC -> CHW
-  if (C == 1) {
-    std::memcpy(dst, hwc.data(), plane);
-    return;
+}
+
+// Copies the out_w x out_h window at (x0, y0) of an HWC image `width` pixels wide into planar CHW dst.
+void hwc_window_to_chw(const uint8_t* hwc, int width, int channels, int x0, int y0, int out_w, int out_h,
+                       uint8_t* dst) {
+  const size_t plane = static_cast<size_t>(out_w) * out_h;
+  for (int y = 0; y < out_h; ++y) {
+    const uint8_t* row = hwc + (static_cast<size_t>(y0 + y) * width + x0) * channels;
+    for (int x = 0; x < out_w; ++x) {
+      for (int c = 0; c < channels; ++c) dst[c * plane + static_cast<size_t>(y) * out_w + x] = row[x * channels + c];
+    }
   }
-  for (size_t i = 0; i < plane; ++i) {
-    for (int c = 0; c < C; ++c) dst[c * plane + i] = hwc[i * C + c];
-  }
+}
+
+}  // namespace
+
+void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, uint8_t* dst,
+                        std::vector<uint8_t>& hwc) {
+  const int W = src.width, H = src.height;
+  const int x0 = std::clamp(static_cast<int>(std::lround(box.x)), 0, W - 1);
+  const int y0 = std::clamp(static_cast<int>(std::lround(box.y)), 0, H - 1);
+  const int w = std::clamp(static_cast<int>(std::lround(box.w)), 1, W - x0);
+  const int h = std::clamp(static_cast<int>(std::lround(box.h)), 1, H - y0);
+  resize_window(src, x0, y0, w, h, out_w, out_h, hwc);
+  hwc_window_to_chw(hwc.data(), out_w, src.channels, 0, 0, out_w, out_h, dst);
+}
+
+void resize_center_crop_to_chw(const Pixels& src, const CenterCrop& cc, uint8_t* dst, std::vector<uint8_t>& hwc) {
+  resize_window(src, 0, 0, src.width, src.height, cc.resized_w, cc.resized_h, hwc);
+  hwc_window_to_chw(hwc.data(), cc.resized_w, src.channels, cc.left, cc.top, cc.size, cc.size, dst);
 }
 
 CropBox random_resized_crop_box(int width, int height, double scale_lo, double scale_hi, double ratio_lo,
@@ -253,11 +295,22 @@ CropBox random_resized_crop_box(int width, int height, double scale_lo, double s
           static_cast<double>(h)};
 }
 
-CropBox center_crop_box(int width, int height, int resize, int size) {
-  // Resize(resize) maps the shorter side to `resize`; one output pixel covers `f` source pixels.
-  const double f = static_cast<double>(std::min(width, height)) / resize;
-  const double side = std::min<double>(size * f, std::min(width, height));
-  return {(width - side) / 2.0, (height - side) / 2.0, side, side};
+CenterCrop center_crop(int width, int height, int resize, int size) {
+  // torchvision 0.14 Resize(resize): shorter side -> resize, longer -> int(resize * long / short);
+  // CenterCrop(size): offsets int(round((resized - size) / 2)) with Python's round-half-even.
+  CenterCrop cc;
+  cc.size = size;
+  cc.resized_w = cc.resized_h = resize;
+  if (width <= height) {
+    cc.resized_h = static_cast<int>(static_cast<int64_t>(resize) * height / width);
+  } else {
+    cc.resized_w = static_cast<int>(static_cast<int64_t>(resize) * width / height);
+  }
+  cc.left = static_cast<int>(std::nearbyint((cc.resized_w - size) / 2.0));
+  cc.top = static_cast<int>(std::nearbyint((cc.resized_h - size) / 2.0));
+  const double fx = static_cast<double>(width) / cc.resized_w, fy = static_cast<double>(height) / cc.resized_h;
+  cc.box = {cc.left * fx, cc.top * fy, size * fx, size * fy};
+  return cc;
 }
 
 uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c) {

@@ -49,11 +49,26 @@ class ImageDecoder {
   std::vector<uint8_t> cmyk_;
 };
 
-// Resizes the part `box` of `src` (box in src's pixel coordinates, rounded to whole pixels and
-// clamped inside) to out_w x out_h with a triangle (bilinear, antialiased when shrinking) filter,
-// and writes it as planar CHW uint8 to dst. `hwc_scratch` is reused between calls.
+// Crops `box` of `src` (src's pixel coordinates, rounded to whole pixels, clamped inside) and
+// resizes the crop alone to out_w x out_h with a triangle filter (bilinear, antialiased when
+// shrinking, like PIL's BILINEAR), writing planar CHW uint8 to dst: torchvision's crop-then-resize
+// (RandomResizedCrop). `hwc_scratch` is reused between calls.
 void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, uint8_t* dst,
                         std::vector<uint8_t>& hwc_scratch);
+
+// torchvision's eval geometry Resize(resize) + CenterCrop(size) on a width x height image.
+struct CenterCrop {
+  int resized_w = 0, resized_h = 0;  // the whole image resized so its shorter side is `resize`
+  int left = 0, top = 0, size = 0;   // the kept window of the resized image
+  CropBox box;                       // that window in the original image's coordinates
+};
+CenterCrop center_crop(int width, int height, int resize, int size);
+
+// Resizes the whole of `src` to cc.resized_w x cc.resized_h and keeps the centre window (as
+// torchvision does, so edge pixels are filtered with their real neighbours), as CHW into dst.
+// `src` may be a DCT-scaled decode: the resize then starts from fewer pixels.
+void resize_center_crop_to_chw(const Pixels& src, const CenterCrop& cc, uint8_t* dst,
+                               std::vector<uint8_t>& hwc_scratch);
 
 // torchvision's RandomResizedCrop.get_params on a width x height image, drawing from a
 // splitmix64 stream seeded by `seed`: 10 tries of area fraction in scale, log-uniform aspect in
@@ -61,9 +76,6 @@ void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, ui
 CropBox random_resized_crop_box(int width, int height, double scale_lo, double scale_hi, double ratio_lo,
                                 double ratio_hi, uint64_t seed);
 
-// torchvision's eval transform Resize(resize) + CenterCrop(size) expressed as one box of the
-// original image (the shorter side scaled to `resize`, then the centre size x size).
-CropBox center_crop_box(int width, int height, int resize, int size);
 
 // Mixes several 64-bit values into one well-spread seed (splitmix64 finaliser chain).
 uint64_t mix_seed(uint64_t a, uint64_t b, uint64_t c = 0);
