@@ -56,7 +56,8 @@ class Loader {
 
   // Cancels any previous epoch, then starts the workers on `epoch`'s order.
   void start_epoch(int64_t epoch);
-  // The next batch in order; nullopt at the end of the epoch or after stop(). A sample that
+  // The next batch in order; nullopt at the end of the epoch or after stop(). Under
+  // OnError::kFail (and under kSkip when no sample of the epoch is readable) a sample that
   // failed to load is rethrown here as std::runtime_error prefixed by the sample's describe(),
   // in its batch's turn; the epoch is then dead and every later next() rethrows it until
   // start_epoch(). Throws std::logic_error before the first start_epoch().
