@@ -56,7 +56,7 @@ Stream read_epoch(Loader& loader, int64_t epoch) {
 TEST(Loader, SameStreamForAnyWorkerCount) {
   auto ds = std::make_shared<FakeDataset>(103, -1, 20);
   Stream reference;
-  for (int64_t workers : {0, 1, 3}) {
+  for (int64_t workers : {0, 1, 3, 4}) {
     for (int64_t prefetch : {1, 4}) {
       Loader loader(ds, LoaderOptions().batch_size(8).workers(workers).prefetch(prefetch));
       Stream s = read_epoch(loader, 1);
@@ -76,23 +76,68 @@ TEST(Loader, SameStreamForAnyWorkerCount) {
 }
 
 TEST(Loader, EverySampleExactlyOncePerEpoch) {
-  auto ds = std::make_shared<FakeDataset>(95);
-  Loader loader(ds, LoaderOptions().batch_size(10).workers(3));
-  EXPECT_EQ(loader.batches_per_epoch(), 10);
-  EXPECT_EQ(loader.dropped_samples(), 0);
-  std::vector<int64_t> previous;
-  for (int64_t epoch = 0; epoch < 3; ++epoch) {
-    Stream s = read_epoch(loader, epoch);
-    EXPECT_EQ(s.batch_sizes.size(), 10u);
-    EXPECT_EQ(s.batch_sizes.back(), 5);
-    EXPECT_NE(s.samples, previous) << "epoch " << epoch << " repeats the previous order";
-    previous = s.samples;
-    std::sort(s.samples.begin(), s.samples.end());
-    std::vector<int64_t> all(95);
-    std::iota(all.begin(), all.end(), 0);
-    EXPECT_EQ(s.samples, all) << "epoch " << epoch;
-    EXPECT_GE(loader.last_wait_seconds(), 0.0);
+  auto ds = std::make_shared<FakeDataset>(95, -1, 5);
+  for (int64_t workers : {0, 1, 4}) {
+    Loader loader(ds, LoaderOptions().batch_size(10).workers(workers));
+    EXPECT_EQ(loader.batches_per_epoch(), 10);
+    EXPECT_EQ(loader.dropped_samples(), 0);
+    std::vector<int64_t> previous;
+    for (int64_t epoch = 0; epoch < 3; ++epoch) {
+      Stream s = read_epoch(loader, epoch);
+      EXPECT_EQ(s.batch_sizes.size(), 10u);
+      EXPECT_EQ(s.batch_sizes.back(), 5);
+      EXPECT_NE(s.samples, previous) << "epoch " << epoch << " repeats the previous order";
+      previous = s.samples;
+      std::sort(s.samples.begin(), s.samples.end());
+      std::vector<int64_t> all(95);
+      std::iota(all.begin(), all.end(), 0);
+      EXPECT_EQ(s.samples, all) << "workers=" << workers << " epoch " << epoch;
+      EXPECT_GE(loader.last_wait_seconds(), 0.0);
+    }
   }
+}
+
+TEST(Loader, SkipModeReplacesAFailedSampleByTheNextInOrder) {
+  auto ds = std::make_shared<FakeDataset>(60, /*throw_at=*/25, /*sleep_us=*/5);
+  const std::vector<int64_t> order = epoch_indices(60, SamplerOptions{}, 2, 0, 1);
+  const auto pos = std::find(order.begin(), order.end(), 25) - order.begin();
+  std::vector<int64_t> expected = order;
+  expected[pos] = order[(pos + 1) % 60];  // the next readable sample of the epoch order
+  for (int64_t workers : {0, 1, 4}) {
+    Loader loader(ds, LoaderOptions().batch_size(7).workers(workers).on_error(OnError::kSkip));
+    Stream s;
+    run_bounded([&] { s = read_epoch(loader, 2); }, 60, "skip epoch");
+    EXPECT_EQ(s.samples, expected) << "workers=" << workers;
+    EXPECT_EQ(loader.skipped_samples(), 1) << "workers=" << workers;
+    loader.start_epoch(3);
+    EXPECT_EQ(loader.skipped_samples(), 0) << "the count is per epoch";
+  }
+}
+
+// Every sample unreadable: skip mode cannot replace anything and must say so, not spin or hang.
+class AllBad : public FakeDataset {
+ public:
+  using FakeDataset::FakeDataset;
+  void read_image(size_t i, uint8_t*) const override {
+    throw std::runtime_error("unreadable " + std::to_string(i));
+  }
+};
+
+TEST(Loader, SkipModeWithNothingReadableFailsWithThePath) {
+  auto ds = std::make_shared<AllBad>(20);
+  Loader loader(ds, LoaderOptions().batch_size(4).workers(2).on_error(OnError::kSkip));
+  run_bounded(
+      [&] {
+        loader.start_epoch(0);
+        try {
+          loader.next();
+          ADD_FAILURE() << "an epoch of unreadable samples produced a batch";
+        } catch (const std::runtime_error& e) {
+          EXPECT_THAT(e.what(), HasSubstr("every sample of this epoch failed to load"));
+          EXPECT_THAT(e.what(), HasSubstr("fake["));
+        }
+      },
+      60, "all-bad epoch");
 }
 
 TEST(Loader, DropLastDropsTheTail) {

@@ -1,7 +1,11 @@
 // Trainer: optimizer groups, augmentation, and a small convergence run on real Fashion-MNIST.
 #include <gtest/gtest.h>
 
+#include "../image_files.h"
 #include "../test_util.h"
+
+#include <fstream>
+#include <sstream>
 
 #include <filesystem>
 #include <torch/torch.h>
@@ -95,4 +99,28 @@ TEST(Convergence, ResNet20LearnsFashionMnistSubset) {
   auto a = keel::models::state_dict_of(*fresh), b = keel::models::state_dict_of(*t.model());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second.contiguous())) << a[i].first;
+}
+
+TEST(Training, TrainsAFewStepsOnATinyImageFolder) {
+  // 3 classes x 8 JPEG/PNG training images, 2 per class to evaluate, written by the test itself.
+  const std::string dir = tmp_dir("image-folder-train");
+  keel::test::write_image_folder(dir + "/data", 3, 8, 2);
+  keel::config::Config cfg = keel::config::parse("", "test", {
+      "run.dir=\"" + dir + "\"", "run.name=imgs", "data.dataset=image_folder", "data.root=\"" + dir + "/data\"",
+      "data.image_size=32", "data.random_crop_padding=0", "data.workers=2", "data.mean=[0.5, 0.5, 0.5]",
+      "data.std=[0.25, 0.25, 0.25]", "model.in_channels=3", "model.num_classes=3", "train.batch_size=8",
+      "train.eval_batch_size=4", "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false"});
+  keel::train::Trainer t(cfg);
+  keel::train::FitResult r = t.fit();
+  EXPECT_EQ(r.steps, 6);  // 24 images / batch 8 x 2 epochs
+  EXPECT_EQ(r.test.samples, 6);
+  EXPECT_TRUE(std::isfinite(r.train_loss));
+  EXPECT_GE(r.data_wait_share, 0.0);
+  EXPECT_LE(r.data_wait_share, 1.0);
+  // The per-step metrics still carry the measured data wait, and the epoch the skip counts.
+  std::ifstream in(dir + "/imgs/metrics.jsonl");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_NE(ss.str().find("data_wait"), std::string::npos) << ss.str().substr(0, 400);
+  EXPECT_NE(ss.str().find("\"data_skipped_train\":0"), std::string::npos) << ss.str().substr(0, 400);
 }

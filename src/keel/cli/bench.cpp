@@ -1,6 +1,7 @@
 // `keel bench step` / `keel bench infer`: training-step or inference throughput of a model on random
 // data, for several precisions measured alternately in the same run (ratios, not absolute seconds,
 // are what to compare).
+// `keel bench data`: the input pipeline of a config alone (loader + device augmentation, no model).
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -13,6 +14,9 @@
 #include <nlohmann/json.hpp>
 
 #include "keel/cli/commands.h"
+#include "keel/config/config.h"
+#include "keel/data/augment.h"
+#include "keel/data/loader.h"
 #include "keel/device/device.h"
 #include "keel/memory/cpu_allocator.h"
 #include "keel/models/registry.h"
@@ -84,6 +88,39 @@ double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_b
   return static_cast<double>(a.steps * a.batch) / s;
 }
 
+struct DataBenchArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  int64_t batches = 20, warmup = 3, repeats = 3;
+  bool json = false;
+};
+
+// Images per second of `batches` training batches (after `warmup`) through loader + augmentation.
+double measure_data(const DataBenchArgs& a, data::Loader& loader, data::DeviceAugment& aug, int64_t epoch,
+                    int64_t* images_out) {
+  int64_t images = 0, counted = 0;
+  auto t0 = std::chrono::steady_clock::now();
+  loader.start_epoch(epoch);
+  for (int64_t k = 0; counted < a.batches; ++k) {
+    auto b = loader.next();
+    if (!b) {  // a small dataset: the next epoch continues the stream
+      loader.start_epoch(++epoch);
+      continue;
+    }
+    at::Tensor x = aug.train(b->images);  // on CPU computed here; the result is what a model would get
+    if (k + 1 == a.warmup) {
+      t0 = std::chrono::steady_clock::now();
+    } else if (k >= a.warmup) {
+      images += x.size(0);
+      ++counted;
+    }
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  loader.stop();
+  *images_out = images;
+  return static_cast<double>(images) / s;
+}
+
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
@@ -110,7 +147,43 @@ Runner add_bench(CLI::App& app) {
     sub->add_flag("!--no-channels-last", a->channels_last, "use NCHW instead of channels_last");
     sub->add_flag("--json", a->json, "print the result as one JSON object on the last line");
   }
-  return [a] {
+  auto d = std::make_shared<DataBenchArgs>();
+  auto* dcmd = bench->add_subcommand("data", "input-pipeline throughput of a config: loader + device augmentation, no model");
+  dcmd->add_option("config", d->config, "TOML config (data.*, train.batch_size, run.threads)")->required();
+  dcmd->add_option("--set", d->sets, "key=value override (repeatable)");
+  dcmd->add_option("--batches", d->batches, "measured batches per repeat")->capture_default_str();
+  dcmd->add_option("--warmup", d->warmup, "unmeasured batches before each repeat (fills the prefetch queue)")
+      ->capture_default_str();
+  dcmd->add_option("--repeats", d->repeats, "repeats (each a fresh epoch); the median is reported")
+      ->capture_default_str();
+  dcmd->add_flag("--json", d->json, "print the result as one JSON object on the last line");
+  return [a, d, dcmd] {
+    if (dcmd->parsed()) {
+      const config::Config cfg = config::load(d->config, d->sets);
+      const int threads = train::configure_threads(cfg.run.threads);
+      auto ds = train::make_dataset(cfg, true);
+      data::Loader loader(ds, train::loader_options(cfg, true));
+      data::DeviceAugment aug(train::augment_options(cfg), static_cast<uint64_t>(cfg.run.seed) + 1);
+      std::vector<double> ips;
+      int64_t images = 0;
+      for (int64_t r = 0; r < d->repeats; ++r) ips.push_back(measure_data(*d, loader, aug, r, &images));
+      std::vector<double> sorted = ips;
+      std::sort(sorted.begin(), sorted.end());
+      const double median = sorted[sorted.size() / 2];
+      const auto shape = ds->shape();
+      fmt::print("keel bench data: {} at {} ({} samples, {}x{}x{}), batch {}, {} workers, {} threads: median "
+                 "{:.1f} images/s over {} repeats of {} batches ({} unreadable samples replaced)\n",
+                 cfg.data.dataset, cfg.data.root, ds->size(), shape.channels, shape.height, shape.width,
+                 cfg.train.batch_size, loader.options().workers(), threads, median, d->repeats, d->batches,
+                 loader.skipped_samples());
+      if (d->json) {
+        nlohmann::json out = {{"dataset", cfg.data.dataset}, {"root", cfg.data.root},
+                              {"batch", cfg.train.batch_size}, {"workers", loader.options().workers()},
+                              {"threads", threads}, {"images_per_second", median}, {"samples", ips}};
+        std::cout << out.dump() << std::endl;
+      }
+      return 0;
+    }
     const int threads = train::configure_threads(a->threads);
     memory::install_cpu_allocator();
     const auto precisions = split(a->precisions);

@@ -132,9 +132,16 @@ const std::vector<Field>& schema() {
           return ok ? "" : "auto, cpu, cuda or cuda:N";
         }));
     // data
-    const std::vector<std::string> datasets = {"fashion-mnist", "mnist", "idx"};
+    const std::vector<std::string> datasets = {"fashion-mnist", "mnist", "idx", "cifar10", "cifar100",
+                                               "image_folder", "synthetic"};
     f.push_back(make_field<C::Data, std::string>("data.dataset", &C::data, &C::Data::dataset,
-        "Dataset kind; `fashion-mnist`, `mnist` and `idx` read IDX files (gzipped or not) from `data.root`.",
+        "Dataset kind. `fashion-mnist`, `mnist` and `idx` read IDX files (gzipped or not) from `data.root`; "
+        "`cifar10` / `cifar100` the binary batches (`data_batch_1..5.bin`, `test_batch.bin` / `train.bin`, "
+        "`test.bin`; CIFAR-100 uses the fine labels) in `data.root` or its `cifar-10-batches-bin` / "
+        "`cifar-100-binary` folder; `image_folder` JPEG/PNG files in `data.root/train/<class>/` and "
+        "`data.root/val/<class>/` (ImageNet layout), decoded, cropped and resized to `data.image_size` with "
+        "`model.in_channels` channels; `synthetic` generated images of `model.in_channels` x `data.image_size`^2 "
+        "and `model.num_classes` classes (for benchmarks; no files).",
         choices_text(datasets), one_of(datasets)));
     f.push_back(make_field<C::Data, std::string>("data.root", &C::data, &C::Data::root,
         "Directory holding the dataset files.", "non-empty", nonempty));
@@ -168,6 +175,33 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Data, int64_t>("data.random_crop_padding", &C::data, &C::Data::random_crop_padding,
         "Pad training images by this many pixels and crop back at a random offset (0 = off).", ">= 0",
         int_at_least(0)));
+    f.push_back(make_field<C::Data, int64_t>("data.image_size", &C::data, &C::Data::image_size,
+        "`image_folder` and `synthetic`: height and width of every sample (IDX and CIFAR keep their own size).",
+        ">= 1", int_at_least(1)));
+    auto range_pair = [](double lo_min, double hi_max) {
+      return [lo_min, hi_max](const std::vector<double>& v) -> std::string {
+        if (v.size() != 2 || !(v[0] > lo_min) || !(v[0] <= v[1]) || !(v[1] <= hi_max))
+          return "two numbers [lo, hi] with " + fmt_double(lo_min) + " < lo <= hi <= " + fmt_double(hi_max);
+        return "";
+      };
+    };
+    f.push_back(make_field<C::Data, std::vector<double>>("data.rrc_scale", &C::data, &C::Data::rrc_scale,
+        "`image_folder` training: random-resized-crop area as a fraction of the image, [lo, hi] "
+        "(torchvision's RandomResizedCrop scale).", "0 < lo <= hi <= 1", range_pair(0, 1)));
+    f.push_back(make_field<C::Data, std::vector<double>>("data.rrc_ratio", &C::data, &C::Data::rrc_ratio,
+        "`image_folder` training: random-resized-crop aspect ratio (width / height) range, drawn log-uniformly.",
+        "0 < lo <= hi", range_pair(0, 1e9)));
+    f.push_back(make_field<C::Data, int64_t>("data.eval_resize", &C::data, &C::Data::eval_resize,
+        "`image_folder` evaluation: the shorter side is scaled to this before the centre `data.image_size` crop "
+        "(0 = round(image_size * 256 / 224), i.e. 256 for 224).", "0 or >= data.image_size", int_at_least(0)));
+    f.push_back(make_field<C::Data, int64_t>("data.synthetic_samples", &C::data, &C::Data::synthetic_samples,
+        "`synthetic`: training samples (the test split has a tenth, at least 1).", ">= 1", int_at_least(1)));
+    const std::vector<std::string> on_error = {"skip", "fail"};
+    f.push_back(make_field<C::Data, std::string>("data.on_error", &C::data, &C::Data::on_error,
+        "A sample that cannot be read (missing, zero-byte, truncated or undecodable file): `skip` logs it once "
+        "with its path, counts it, and replaces it by the next readable sample of the epoch order (the epoch "
+        "keeps its size; the epoch summary reports the count); `fail` stops the run with the path and the "
+        "decoder's reason.", choices_text(on_error), one_of(on_error)));
     // model
     f.push_back(make_field<C::Model, std::string>("model.name", &C::model, &C::Model::name,
         "Registered model: resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50/101/152 (torchvision layout).",
@@ -511,6 +545,14 @@ void validate(const Config& c, const std::string& file) {
   };
   channels_ok(c.data.mean, "data.mean");
   channels_ok(c.data.std, "data.std");
+  if (c.data.eval_resize != 0 && c.data.eval_resize < c.data.image_size) {
+    throw ConfigError(where + ": key 'data.eval_resize' = " + std::to_string(c.data.eval_resize) +
+                      " must be 0 or >= data.image_size = " + std::to_string(c.data.image_size));
+  }
+  if (c.data.dataset == "image_folder" && c.model.in_channels != 1 && c.model.in_channels != 3) {
+    throw ConfigError(where + ": data.dataset = \"image_folder\" decodes to 1 (gray) or 3 (RGB) channels, but "
+                      "model.in_channels = " + std::to_string(c.model.in_channels));
+  }
   if (!c.memory.budget.empty()) {
     // Parsed here so that a bad budget is a config error naming the key.
     try {

@@ -23,7 +23,7 @@ struct Config {
     std::string device = "auto";    // auto | cpu | cuda | cuda:N
   } run;
   struct Data {
-    std::string dataset = "fashion-mnist";  // idx | fashion-mnist | mnist
+    std::string dataset = "fashion-mnist";  // idx | fashion-mnist | mnist | cifar10 | cifar100 | image_folder | synthetic
     std::string root = "/usr/share/datasets/fashion-mnist";
     int64_t workers = -1;   // loader threads; -1 = chosen from cores
     int64_t prefetch = 2;   // ready batches queued ahead
@@ -33,6 +33,12 @@ struct Config {
     int64_t test_limit = 0;   // likewise for the test split
     bool random_flip = true;  // horizontal flip augmentation (training only)
     int64_t random_crop_padding = 2;  // pad-and-crop augmentation (0 = off)
+    int64_t image_size = 224;         // image_folder / synthetic: output side
+    std::vector<double> rrc_scale = {0.08, 1.0};  // image_folder training crop: area fraction range
+    std::vector<double> rrc_ratio = {3.0 / 4.0, 4.0 / 3.0};  // and aspect ratio range
+    int64_t eval_resize = 0;          // image_folder eval: shorter side before centre crop (0 = size*256/224)
+    int64_t synthetic_samples = 10000;  // synthetic: training samples (test split: a tenth)
+    std::string on_error = "skip";    // skip | fail: unreadable samples
   } data;
   struct Model {
     std::string name = "resnet20";

@@ -26,8 +26,13 @@ class DeviceAugment {
 
  private:
   at::Tensor normalize(const at::Tensor& images) const;
+  // CPU: flip (per sample, where `flip` is set) and normalisation fused into one pass over the batch.
+  at::Tensor flip_normalize_cpu(const at::Tensor& images, const at::Tensor& flip) const;
   AugmentOptions opts_;
   at::Generator gen_;
+  // The CPU output buffer, reused when the caller has released the previous result (tensor and
+  // storage referenced only here), so steady-state CPU augmentation allocates nothing.
+  mutable at::Tensor out_;
 };
 
 }  // namespace keel::data

@@ -27,6 +27,10 @@ class Dataset {
   virtual void read_image(size_t index, uint8_t* dst) const = 0;
   // Names sample `index` for error messages, e.g. "train-images-idx3-ubyte.gz[123]".
   virtual std::string describe(size_t index) const = 0;
+  // What the Loader calls: like read_image, for epoch `epoch`. Datasets with per-sample random
+  // work (an image folder's random-resized-crop region) override it and draw from (seed, epoch,
+  // index) only, so a sample's pixels never depend on the worker count or the thread.
+  virtual void read_sample(size_t index, int64_t epoch, uint8_t* dst) const { read_image(index, dst); }
 };
 
 }  // namespace keel::data

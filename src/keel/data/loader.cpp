@@ -5,9 +5,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <exception>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -112,6 +114,11 @@ struct Loader::Impl {
   std::atomic<bool> cancel{false};
   std::vector<std::thread> threads;
 
+  int64_t epoch = 0;
+  std::atomic<int64_t> skipped{0};  // samples replaced this epoch (OnError::kSkip)
+  std::mutex log_mu;                // guards `reported`
+  std::set<size_t> reported;        // samples already logged as unreadable (once per run)
+
   std::exception_ptr error;  // sticky until start_epoch()
   State state = State::kIdle;
   double last_wait = 0.0;
@@ -125,28 +132,66 @@ struct Loader::Impl {
     }
   }
 
+  // Reads one sample and its label into place; throws with the dataset's reason.
+  void load(size_t index, uint8_t* image, int64_t* label_out) const {
+    dataset.read_sample(index, epoch, image);
+    const int64_t label = dataset.label(index);
+    const int64_t classes = dataset.num_classes();
+    if (label < 0 || label >= classes) {
+      throw std::runtime_error("label " + std::to_string(label) + " out of range, expected [0, " +
+                               std::to_string(classes) + ")");
+    }
+    *label_out = label;
+  }
+
+  // Logs an unreadable sample the first time it is seen in this Loader's life.
+  void report(size_t index, const std::string& reason) {
+    std::lock_guard<std::mutex> lk(log_mu);
+    if (!reported.insert(index).second) return;
+    std::fprintf(stderr, "keel: data: skipping unreadable %s: %s (data.on_error = skip: replaced by the next readable "
+                 "sample of the epoch order)\n", describe(index).c_str(), reason.c_str());
+  }
+
   // Writes batch k into `slot`; returns its sample count, or -1 when cancelled part-way.
   int64_t fill(int64_t k, Slot& slot) {
     const int64_t begin = k * opts.batch_size();
     const int64_t end = std::min<int64_t>(begin + opts.batch_size(), order.size());
     uint8_t* images = slot.images.data_ptr<uint8_t>();
     int64_t* labels = slot.labels.data_ptr<int64_t>();
-    const int64_t classes = dataset.num_classes();
     for (int64_t j = begin; j < end; ++j) {
       if (cancel.load(std::memory_order_relaxed)) return -1;
       const size_t index = static_cast<size_t>(order[j]);
+      uint8_t* dst = images + (j - begin) * sample_bytes;
+      std::string reason;
       try {
-        dataset.read_image(index, images + (j - begin) * sample_bytes);
-        const int64_t label = dataset.label(index);
-        if (label < 0 || label >= classes) {
-          throw std::runtime_error("label " + std::to_string(label) + " out of range, expected [0, " +
-                                   std::to_string(classes) + ")");
-        }
-        labels[j - begin] = label;
+        load(index, dst, &labels[j - begin]);
+        continue;
       } catch (const std::exception& e) {
-        throw std::runtime_error(describe(index) + ": " + e.what());
+        reason = e.what();
       } catch (...) {
-        throw std::runtime_error(describe(index) + ": unknown exception");
+        reason = "unknown exception";
+      }
+      if (opts.on_error() == OnError::kFail) throw std::runtime_error(describe(index) + ": " + reason);
+      report(index, reason);
+      skipped.fetch_add(1, std::memory_order_relaxed);
+      // The replacement rule: the next readable sample of this rank's epoch order, wrapping around.
+      bool replaced = false;
+      const size_t n = order.size();
+      for (size_t step = 1; step < n && !replaced; ++step) {
+        if (cancel.load(std::memory_order_relaxed)) return -1;
+        const size_t alt = static_cast<size_t>(order[(static_cast<size_t>(j) + step) % n]);
+        try {
+          load(alt, dst, &labels[j - begin]);
+          replaced = true;
+        } catch (const std::exception& e) {
+          report(alt, e.what());
+        } catch (...) {
+          report(alt, "unknown exception");
+        }
+      }
+      if (!replaced) {
+        throw std::runtime_error("no readable sample left to replace " + describe(index) + " (" + reason +
+                                 "): every sample of this epoch failed to load");
       }
     }
     return end - begin;
@@ -231,6 +276,8 @@ void Loader::start_epoch(int64_t epoch) {
   Impl& m = *impl_;
   m.halt();
   m.error = nullptr;
+  m.epoch = epoch;
+  m.skipped = 0;
   m.order = epoch_indices(dataset_->size(), options_.sampler(), epoch, options_.rank(),
                           options_.world_size());
   m.batches = batches_per_epoch();
@@ -318,6 +365,8 @@ void Loader::stop() {
   impl_->halt();
   if (impl_->state == Impl::State::kRunning) impl_->state = Impl::State::kDone;
 }
+
+int64_t Loader::skipped_samples() const { return impl_->skipped.load(std::memory_order_relaxed); }
 
 double Loader::last_wait_seconds() const { return impl_->last_wait; }
 

@@ -12,6 +12,13 @@
 
 namespace keel::data {
 
+// What the Loader does when a sample cannot be read (missing, empty, truncated, undecodable file).
+enum class OnError {
+  kFail,  // the error reaches next() with the sample's describe() (its path) and the reason
+  kSkip,  // logged once per sample, counted, and replaced by the next readable sample of this
+          // rank's epoch order (wrapping), so the epoch keeps its size and order is deterministic
+};
+
 // What the user asks of a Loader (fluent setters: LoaderOptions().batch_size(256).workers(4)).
 struct LoaderOptions {
   TORCH_ARG(int64_t, batch_size) = 128;  // samples per batch (per rank), >= 1
@@ -21,6 +28,7 @@ struct LoaderOptions {
   TORCH_ARG(SamplerOptions, sampler) = {};  // seed and shuffle of the epoch order
   TORCH_ARG(int64_t, rank) = 0;          // this process's shard, 0 <= rank < world_size
   TORCH_ARG(int64_t, world_size) = 1;    // number of shards (data-parallel processes)
+  TORCH_ARG(OnError, on_error) = OnError::kFail;  // unreadable samples: fail, or skip and replace
 };
 
 // One batch. The tensors view a pooled loader buffer: the buffer goes back to the pool when
@@ -48,7 +56,8 @@ class Loader {
 
   // Cancels any previous epoch, then starts the workers on `epoch`'s order.
   void start_epoch(int64_t epoch);
-  // The next batch in order; nullopt at the end of the epoch or after stop(). A sample that
+  // The next batch in order; nullopt at the end of the epoch or after stop(). Under
+  // OnError::kFail (and under kSkip when no sample of the epoch is readable) a sample that
   // failed to load is rethrown here as std::runtime_error prefixed by the sample's describe(),
   // in its batch's turn; the epoch is then dead and every later next() rethrows it until
   // start_epoch(). Throws std::logic_error before the first start_epoch().
@@ -59,6 +68,9 @@ class Loader {
   int64_t dropped_samples() const;
   // Cancels the epoch mid-way and joins the workers (each finishes at most its current sample).
   void stop();
+  // Samples of the current epoch replaced so far under OnError::kSkip (complete once next()
+  // returned nullopt; batches assembled ahead of the consumer are included).
+  int64_t skipped_samples() const;
   // Seconds the last next() waited for data (with workers = 0: the time it spent loading).
   double last_wait_seconds() const;
 

@@ -17,6 +17,9 @@ class Subset : public Dataset {
   int64_t label(size_t i) const override { return base_->label(check(i)); }
   void read_image(size_t i, uint8_t* dst) const override { base_->read_image(check(i), dst); }
   std::string describe(size_t i) const override { return base_->describe(i); }
+  void read_sample(size_t i, int64_t epoch, uint8_t* dst) const override {
+    base_->read_sample(check(i), epoch, dst);
+  }
 
  private:
   size_t check(size_t i) const {

@@ -12,7 +12,10 @@
 #include <torch/torch.h>
 
 #include "keel/checkpoint/checkpoint.h"
+#include "keel/data/cifar.h"
 #include "keel/data/idx.h"
+#include "keel/data/image_folder.h"
+#include "keel/data/synthetic.h"
 #include "keel/data/subset.h"
 #include "keel/device/device.h"
 #include "keel/models/registry.h"
@@ -80,7 +83,8 @@ data::LoaderOptions loader_options(const config::Config& c, bool train) {
       .workers(resolve_workers(c.data.workers))
       .prefetch(c.data.prefetch)
       .drop_last(false)
-      .sampler(s);
+      .sampler(s)
+      .on_error(c.data.on_error == "fail" ? data::OnError::kFail : data::OnError::kSkip);
 }
 
 
@@ -110,8 +114,30 @@ int configure_threads(int64_t requested) {
 }
 
 std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train) {
-  // fashion-mnist, mnist and idx all read the standard IDX file names under data.root.
-  std::shared_ptr<const data::Dataset> ds = data::make_idx_split(cfg.data.root, train);
+  const auto& d = cfg.data;
+  std::shared_ptr<const data::Dataset> ds;
+  if (d.dataset == "cifar10" || d.dataset == "cifar100") {
+    ds = data::make_cifar_split(d.root, d.dataset == "cifar10" ? 10 : 100, train);
+  } else if (d.dataset == "image_folder") {
+    data::ImageFolderOptions o;
+    o.size = d.image_size;
+    o.channels = cfg.model.in_channels;
+    o.scale_lo = d.rrc_scale.at(0);
+    o.scale_hi = d.rrc_scale.at(1);
+    o.ratio_lo = d.rrc_ratio.at(0);
+    o.ratio_hi = d.rrc_ratio.at(1);
+    o.eval_resize = d.eval_resize > 0 ? d.eval_resize : (d.image_size * 256 + 112) / 224;
+    o.seed = static_cast<uint64_t>(cfg.run.seed);
+    ds = data::make_image_folder_split(d.root, o, train);
+  } else if (d.dataset == "synthetic") {
+    const int64_t n = train ? d.synthetic_samples : std::max<int64_t>(1, d.synthetic_samples / 10);
+    ds = std::make_shared<data::SyntheticDataset>(
+        static_cast<size_t>(n), data::ImageShape{cfg.model.in_channels, d.image_size, d.image_size},
+        cfg.model.num_classes, static_cast<uint64_t>(cfg.run.seed) * 2 + (train ? 0 : 1));
+  } else {
+    // fashion-mnist, mnist and idx all read the standard IDX file names under data.root.
+    ds = data::make_idx_split(d.root, train);
+  }
   const int64_t limit = train ? cfg.data.train_limit : cfg.data.test_limit;
   if (limit > 0 && static_cast<size_t>(limit) < ds->size()) {
     ds = std::make_shared<data::Subset>(ds, static_cast<size_t>(limit));
@@ -509,6 +535,12 @@ FitResult Trainer::fit(const std::string& resume) {
     res.train_top1 = seen ? static_cast<double>(correct.item<int64_t>()) / seen : 0.0;
 
     res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
+    const int64_t skipped = train_loader.skipped_samples() + test_loader.skipped_samples();
+    if (skipped > 0) {
+      progress.message(fmt::format("epoch {}: {} unreadable samples replaced ({} train, {} test; data.on_error = skip)",
+                                   epoch + 1, skipped, train_loader.skipped_samples(),
+                                   test_loader.skipped_samples()));
+    }
     const auto mem = device::memory_stats(device_);
     progress.message(fmt::format(
         "epoch {}/{} done in {:.1f}s: train loss {:.4f} top1 {:.2f}% | test loss {:.4f} top1 {:.2f}% top5 {:.2f}% | "
@@ -517,7 +549,9 @@ FitResult Trainer::fit(const std::string& resume) {
         100 * res.test.top5, est.images_per_second(), 100 * est.share(monitor::Phase::kDataWait),
         memory::format_bytes(mem.peak)));
     nlohmann::json extra = {{"test", res.test.to_json()}, {"skipped_steps", runner.skipped()},
-                            {"rollbacks", runner.rollbacks()}, {"oom_recoveries", runner.oom_recoveries()}};
+                            {"rollbacks", runner.rollbacks()}, {"oom_recoveries", runner.oom_recoveries()},
+                            {"data_skipped_train", train_loader.skipped_samples()},
+                            {"data_skipped_test", test_loader.skipped_samples()}};
     std::vector<std::string> advice;
     for (const auto& a : advise(est)) {
       advice.push_back(a.text);
