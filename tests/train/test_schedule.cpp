@@ -123,7 +123,7 @@ TEST(Schedule, ReduceOnPlateauMatchesPyTorch) {
   o.plateau.threshold_mode = "rel";
   o.plateau.cooldown = 1;
   o.plateau.min_lr = 0.1;
-  expect_plateau_matches(Schedule(o, 57, 3, 1.0),
+  expect_plateau_matches(Schedule(o, 57, 3, 1.0), 3,
                          {1.0, 0.9, 0.895, 0.894, 0.8, 0.85, 0.81, 0.805, 0.7, 0.71, 0.72, 0.73, 0.74, 0.75, 0.76,
                           0.77, 0.78, 0.79, 0.8},
                          kPlateauMinRel, "min/rel/cooldown/min_lr");
@@ -136,7 +136,7 @@ TEST(Schedule, ReduceOnPlateauMatchesPyTorch) {
   o.plateau.threshold_mode = "abs";
   o.plateau.cooldown = 0;
   o.plateau.min_lr = 0.0;
-  expect_plateau_matches(Schedule(o, 20, 2, 1.0), {0.5, 0.55, 0.58, 0.7, 0.65, 0.75, 0.79, 0.9, 0.9, 0.95},
+  expect_plateau_matches(Schedule(o, 20, 2, 1.0), 2, {0.5, 0.55, 0.58, 0.7, 0.65, 0.75, 0.79, 0.9, 0.9, 0.95},
                          kPlateauMaxAbs, "max/abs, reductions during warm-up");
 }
 
