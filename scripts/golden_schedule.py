@@ -84,7 +84,7 @@ show("kPlateauMinRel", "ReduceLROnPlateau(mode=min, factor=0.5, patience=1, thre
                                                            threshold_mode="rel", cooldown=1, min_lr=0.1),
                metric_min))
 metric_max = [0.5, 0.55, 0.58, 0.7, 0.65, 0.75, 0.79, 0.9, 0.9, 0.95]
-show("kPlateauMaxAbs", "ReduceLROnPlateau(mode=max, factor=0.3, patience=0, threshold=0.05, abs, cooldown=0) per "
-     "epoch on " + repr(metric_max) + ", LinearLR(0.5, total_iters=10) warm-up (reductions during it), 2 steps/epoch",
+show("kPlateauMaxAbs", "ReduceLROnPlateau(mode=max, factor=0.3, patience=0, threshold=0.05, abs, cooldown=0, min_lr=0.25) per "
+     "epoch on " + repr(metric_max) + ", LinearLR(0.5, total_iters=10) warm-up (a reduction to min_lr during it), 2 steps/epoch",
      per_epoch(10, 2, 10, 0.5, lambda o: S.ReduceLROnPlateau(o, mode="max", factor=0.3, patience=0, threshold=0.05,
-                                                            threshold_mode="abs", cooldown=0), metric_max))
+                                                            threshold_mode="abs", cooldown=0, min_lr=0.25), metric_max))
