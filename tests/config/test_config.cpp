@@ -131,3 +131,45 @@ TEST(Config, ReferenceDocIsUpToDate) {
   EXPECT_EQ(ss.str(), keel::config::reference_markdown())
       << "docs/configuration.md is stale; regenerate with `build/keel config --reference > docs/configuration.md`";
 }
+
+TEST(Config, ScheduleKeysParseIncludingThePlateauTable) {
+  Config c = keel::config::parse(
+      "[schedule]\nname = \"reduce_on_plateau\"\nwarmup_steps = 50\n[schedule.plateau]\nmonitor = \"test_top1\"\n"
+      "factor = 0.5\npatience = 2\nthreshold_mode = \"abs\"\nmin_lr = 1e-4\n[optim]\nlr_scaling = \"sqrt\"\n"
+      "base_batch_size = 64\nno_decay_lr_factor = 0.5\n",
+      "s.toml", {"schedule.plateau.cooldown=3"});
+  EXPECT_EQ(c.schedule.name, "reduce_on_plateau");
+  EXPECT_EQ(c.schedule.warmup_steps, 50);
+  EXPECT_EQ(c.schedule.plateau_monitor, "test_top1");
+  EXPECT_DOUBLE_EQ(c.schedule.plateau_factor, 0.5);
+  EXPECT_EQ(c.schedule.plateau_patience, 2);
+  EXPECT_EQ(c.schedule.plateau_threshold_mode, "abs");
+  EXPECT_DOUBLE_EQ(c.schedule.plateau_min_lr, 1e-4);
+  EXPECT_EQ(c.schedule.plateau_cooldown, 3);
+  EXPECT_EQ(c.optim.lr_scaling, "sqrt");
+  EXPECT_EQ(c.optim.base_batch_size, 64);
+  EXPECT_DOUBLE_EQ(c.optim.no_decay_lr_factor, 0.5);
+  // The resolved TOML (dotted plateau keys under [schedule]) parses back to the same values.
+  Config back = keel::config::parse(keel::config::to_toml(c), "resolved.toml");
+  EXPECT_EQ(keel::config::to_toml(back), keel::config::to_toml(c));
+}
+
+TEST(Config, ScheduleCrossKeyErrorsNameTheKey) {
+  std::string msg = error_of([] { keel::config::parse("", "t", {"schedule.warmup_steps=10"}); });
+  EXPECT_THAT(msg, HasSubstr("'schedule.warmup_steps'"));
+  EXPECT_THAT(msg, HasSubstr("warmup_fraction"));  // the default onecycle warms up by fraction
+  msg = error_of([] { keel::config::parse("", "t", {"schedule.name=multistep"}); });
+  EXPECT_THAT(msg, HasSubstr("'schedule.milestones'"));
+  msg = error_of([] { keel::config::parse("", "t", {"schedule.milestones=[30, 10]"}); });
+  EXPECT_THAT(msg, HasSubstr("'schedule.milestones'"));
+  EXPECT_THAT(msg, HasSubstr("ascending"));
+  msg = error_of([] { keel::config::parse("", "t", {"optim.lr_scaling=cubic"}); });
+  EXPECT_THAT(msg, HasSubstr("'optim.lr_scaling'"));
+  msg = error_of([] { keel::config::parse("", "t", {"schedule.plateau.factor=1.5"}); });
+  EXPECT_THAT(msg, HasSubstr("'schedule.plateau.factor'"));
+  msg = error_of([] { keel::config::parse("", "t", {"schedule.interval=batch"}); });
+  EXPECT_THAT(msg, HasSubstr("'schedule.interval'"));
+  // Accepted combinations.
+  EXPECT_NO_THROW(keel::config::parse("", "t", {"schedule.name=multistep", "schedule.milestones=[2, 5, 5]",
+                                                "schedule.warmup_steps=10"}));
+}

@@ -120,6 +120,20 @@ TEST(Guard, InjectedNaNInLossIsSkippedAndLocated) {
   EXPECT_EQ(r.skipped(), 1);
 }
 
+TEST(Step, ScheduledRateScalesEveryGroupByItsFactor) {
+  Fixture f;
+  StepOptions o;
+  o.group_lr_factors = {1.0, 0.1};
+  StepRunner r(*f.model, *f.opt, o, [](int64_t s) { return 0.05 / static_cast<double>(s + 1); });
+  for (int64_t s = 0; s < 3; ++s) {
+    StepResult res = r.run(f.x, f.y);
+    ASSERT_TRUE(res.applied);
+    EXPECT_DOUBLE_EQ(res.lr, 0.05 / static_cast<double>(s + 1));
+    EXPECT_DOUBLE_EQ(f.opt->param_groups()[0].options().get_lr(), res.lr);
+    EXPECT_DOUBLE_EQ(f.opt->param_groups()[1].options().get_lr(), res.lr * 0.1);
+  }
+}
+
 TEST(Guard, InjectedNaNInGradientIsLocatedInBackward) {
   Fixture f;
   StepRunner r(*f.model, *f.opt, injecting({1}, "grad"), [](int64_t) { return 0.05; });

@@ -38,6 +38,34 @@ TEST(Optimizer, NoDecayOnBiasesAndNormWeights) {
   for (auto& g : opt->param_groups()) EXPECT_DOUBLE_EQ(g.options().get_lr(), 0.5);
 }
 
+TEST(Optimizer, NoDecayGroupHasItsOwnRateFactor) {
+  auto m = keel::models::create({"resnet20", 1, 10});
+  keel::train::OptimizerOptions o;
+  o.lr = 0.4;
+  o.no_decay_lr_factor = 0.25;
+  for (const std::string name : {"sgd", "adamw"}) {
+    o.name = name;
+    auto opt = keel::train::make_optimizer(*m, o);
+    EXPECT_DOUBLE_EQ(opt->param_groups()[0].options().get_lr(), 0.4) << name;
+    EXPECT_DOUBLE_EQ(opt->param_groups()[1].options().get_lr(), 0.1) << name;
+    // What the step runner does each step: the scheduled rate scales every group's base rate.
+    keel::train::set_lr(*opt, 0.02, keel::train::group_lr_factors(o));
+    EXPECT_DOUBLE_EQ(opt->param_groups()[0].options().get_lr(), 0.02) << name;
+    EXPECT_DOUBLE_EQ(opt->param_groups()[1].options().get_lr(), 0.005) << name;
+    EXPECT_THROW(keel::train::set_lr(*opt, 0.02, {1.0}), c10::Error) << "one factor per group";
+  }
+}
+
+TEST(Optimizer, LrScalingByGlobalBatch) {
+  using keel::train::scaled_lr;
+  EXPECT_DOUBLE_EQ(scaled_lr(0.1, "none", 1024, 256), 0.1);
+  EXPECT_DOUBLE_EQ(scaled_lr(0.1, "linear", 1024, 256), 0.4);
+  EXPECT_DOUBLE_EQ(scaled_lr(0.1, "sqrt", 1024, 256), 0.2);
+  EXPECT_DOUBLE_EQ(scaled_lr(0.1, "linear", 64, 256), 0.025);
+  EXPECT_DOUBLE_EQ(scaled_lr(0.1, "sqrt", 64, 256), 0.05);
+  EXPECT_THROW(scaled_lr(0.1, "cubic", 64, 256), std::invalid_argument);
+}
+
 TEST(Augment, NormalizeFlipAndCropKeepPixels) {
   keel::data::AugmentOptions o;
   o.mean = {0.5};

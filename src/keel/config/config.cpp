@@ -266,20 +266,92 @@ const std::vector<Field>& schema() {
         "AdamW second-moment decay.", "[0, 1)", [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
     f.push_back(make_field<C::Optim, double>("optim.eps", &C::optim, &C::Optim::eps,
         "AdamW denominator epsilon.", "> 0", [](const double& v) { return v > 0 ? "" : "a number > 0"; }));
+    f.push_back(make_field<C::Optim, double>("optim.no_decay_lr_factor", &C::optim, &C::Optim::no_decay_lr_factor,
+        "Learning-rate multiplier of the no-decay parameter group (biases and normalisation weights, chosen by "
+        "rule: parameters with fewer than 2 dimensions); the schedule scales both groups' rates alike.", "[0, 100]",
+        float_in(0, 100)));
+    const std::vector<std::string> scalings = {"none", "linear", "sqrt"};
+    f.push_back(make_field<C::Optim, std::string>("optim.lr_scaling", &C::optim, &C::Optim::lr_scaling,
+        "Scale `optim.lr` by the global batch: `linear` uses lr x batch / base, `sqrt` lr x sqrt(batch / base), "
+        "with batch = `train.batch_size` and base = `optim.base_batch_size`; the resolved rate is printed and "
+        "logged at the start of training.", choices_text(scalings), one_of(scalings)));
+    f.push_back(make_field<C::Optim, int64_t>("optim.base_batch_size", &C::optim, &C::Optim::base_batch_size,
+        "The global batch size `optim.lr` was tuned for (used by `optim.lr_scaling`).", ">= 1", int_at_least(1)));
+    const std::vector<std::string> monitors = {"test_loss", "test_top1", "train_loss"};
+    const std::vector<std::string> modes = {"auto", "min", "max"};
     // schedule
-    const std::vector<std::string> schedules = {"onecycle", "warmup_cosine", "constant"};
+    const std::vector<std::string> schedules = {"onecycle", "warmup_cosine", "constant", "step",
+                                                "multistep", "exponential", "reduce_on_plateau"};
     f.push_back(make_field<C::Schedule, std::string>("schedule.name", &C::schedule, &C::Schedule::name,
         "Learning-rate schedule over all optimizer steps: `onecycle` (linear warm-up, cosine anneal, as "
         "torch.optim.lr_scheduler.OneCycleLR with linear warm-up), `warmup_cosine` (linear warm-up then cosine), "
-        "`constant`.",
+        "`constant`; `step`, `multistep`, `exponential` (as StepLR, MultiStepLR, ExponentialLR, counted in "
+        "`schedule.interval` units) and `reduce_on_plateau` (as ReduceLROnPlateau on `schedule.plateau.monitor`, "
+        "checked after each epoch's evaluation), each optionally after a linear warm-up of "
+        "`schedule.warmup_steps`.",
         choices_text(schedules), one_of(schedules)));
     f.push_back(make_field<C::Schedule, double>("schedule.warmup_fraction", &C::schedule,
-        &C::Schedule::warmup_fraction, "Share of all steps spent in linear warm-up.", "[0, 1)",
+        &C::Schedule::warmup_fraction, "onecycle / warmup_cosine: share of all steps spent in warm-up.", "[0, 1)",
         [](const double& v) { return (v >= 0 && v < 1) ? "" : "a number in [0, 1)"; }));
     f.push_back(make_field<C::Schedule, double>("schedule.start_factor", &C::schedule, &C::Schedule::start_factor,
         "Learning rate at step 0 as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
     f.push_back(make_field<C::Schedule, double>("schedule.final_factor", &C::schedule, &C::Schedule::final_factor,
-        "Learning rate at the last step as a fraction of `optim.lr`.", "[0, 1]", float_in(0, 1)));
+        "onecycle / warmup_cosine: learning rate at the last step as a fraction of `optim.lr`.", "[0, 1]",
+        float_in(0, 1)));
+    f.push_back(make_field<C::Schedule, int64_t>("schedule.warmup_steps", &C::schedule, &C::Schedule::warmup_steps,
+        "step / multistep / exponential / reduce_on_plateau: linear warm-up over this many optimizer steps from "
+        "`start_factor` to 1 (LinearLR), multiplied with the decay, which counts from step 0 (as PyTorch's "
+        "ChainedScheduler, or LinearLR stepped per step beside a per-epoch scheduler). 0 = none. onecycle and "
+        "warmup_cosine warm up over `warmup_fraction` instead.", ">= 0", int_at_least(0)));
+    const std::vector<std::string> intervals = {"epoch", "step"};
+    f.push_back(make_field<C::Schedule, std::string>("schedule.interval", &C::schedule, &C::Schedule::interval,
+        "Unit of `step_size`, `milestones` and exponential's per-unit `gamma`: `epoch` (as PyTorch users step "
+        "these schedulers once per epoch; epoch = applied optimizer steps / steps per epoch, so the rate changes "
+        "at epoch boundaries) or `step` (optimizer steps).", choices_text(intervals), one_of(intervals)));
+    f.push_back(make_field<C::Schedule, int64_t>("schedule.step_size", &C::schedule, &C::Schedule::step_size,
+        "step: multiply the rate by `gamma` every `step_size` intervals.", ">= 1", int_at_least(1)));
+    f.push_back(make_field<C::Schedule, std::vector<int64_t>>("schedule.milestones", &C::schedule,
+        &C::Schedule::milestones,
+        "multistep: multiply the rate by `gamma` when this many intervals have passed, for each entry "
+        "(ascending; a repeated entry decays twice, as MultiStepLR).", "ascending integers >= 1",
+        [](const std::vector<int64_t>& v) -> std::string {
+          for (size_t i = 0; i < v.size(); ++i) {
+            if (v[i] < 1 || (i > 0 && v[i] < v[i - 1])) return "ascending integers >= 1";
+          }
+          return "";
+        }));
+    f.push_back(make_field<C::Schedule, double>("schedule.gamma", &C::schedule, &C::Schedule::gamma,
+        "step / multistep / exponential: decay multiplier.", "(0, 1]",
+        [](const double& v) { return (v > 0 && v <= 1) ? "" : "a number in (0, 1]"; }));
+    f.push_back(make_field<C::Schedule, std::string>("schedule.plateau.monitor", &C::schedule,
+        &C::Schedule::plateau_monitor,
+        "reduce_on_plateau: metric fed to the rule after each epoch's evaluation (the choices of "
+        "`early_stop.monitor`).", choices_text(monitors), one_of(monitors)));
+    f.push_back(make_field<C::Schedule, std::string>("schedule.plateau.mode", &C::schedule, &C::Schedule::plateau_mode,
+        "reduce_on_plateau: whether lower or higher is better; auto = max for accuracies, min for losses.",
+        choices_text(modes), one_of(modes)));
+    f.push_back(make_field<C::Schedule, double>("schedule.plateau.factor", &C::schedule,
+        &C::Schedule::plateau_factor, "reduce_on_plateau: rate multiplier at each reduction.", "(0, 1)",
+        [](const double& v) { return (v > 0 && v < 1) ? "" : "a number in (0, 1)"; }));
+    f.push_back(make_field<C::Schedule, int64_t>("schedule.plateau.patience", &C::schedule,
+        &C::Schedule::plateau_patience,
+        "reduce_on_plateau: epochs without improvement tolerated; the rate drops after patience + 1 of them.",
+        ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Schedule, double>("schedule.plateau.threshold", &C::schedule,
+        &C::Schedule::plateau_threshold, "reduce_on_plateau: margin an improvement must beat the best by.", ">= 0",
+        float_in(0, kInf)));
+    const std::vector<std::string> threshold_modes = {"rel", "abs"};
+    f.push_back(make_field<C::Schedule, std::string>("schedule.plateau.threshold_mode", &C::schedule,
+        &C::Schedule::plateau_threshold_mode,
+        "reduce_on_plateau: `rel` = beat best x (1 - threshold) (min) or best x (1 + threshold) (max); "
+        "`abs` = beat best -/+ threshold.", choices_text(threshold_modes), one_of(threshold_modes)));
+    f.push_back(make_field<C::Schedule, int64_t>("schedule.plateau.cooldown", &C::schedule,
+        &C::Schedule::plateau_cooldown, "reduce_on_plateau: epochs after a reduction in which bad epochs are not "
+        "counted.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Schedule, double>("schedule.plateau.min_lr", &C::schedule, &C::Schedule::plateau_min_lr,
+        "reduce_on_plateau: floor of the learning rate (absolute, compared with the resolved `optim.lr` times "
+        "the factors; the no-decay group keeps its `optim.no_decay_lr_factor` ratio).", ">= 0",
+        float_in(0, kInf)));
     // amp
     const std::vector<std::string> scaler_modes = {"auto", "on", "off"};
     f.push_back(make_field<C::Amp, std::string>("amp.scaler", &C::amp, &C::Amp::scaler,
@@ -321,11 +393,9 @@ const std::vector<Field>& schema() {
     // early_stop
     f.push_back(make_field<C::EarlyStop, bool>("early_stop.enabled", &C::early_stop, &C::EarlyStop::enabled,
         "Stop when the monitored metric has not improved for `patience` evaluations.", "", nullptr));
-    const std::vector<std::string> monitors = {"test_loss", "test_top1", "train_loss"};
     f.push_back(make_field<C::EarlyStop, std::string>("early_stop.monitor", &C::early_stop,
         &C::EarlyStop::monitor, "Metric watched after each epoch's evaluation.", choices_text(monitors),
         one_of(monitors)));
-    const std::vector<std::string> modes = {"auto", "min", "max"};
     f.push_back(make_field<C::EarlyStop, std::string>("early_stop.mode", &C::early_stop, &C::EarlyStop::mode,
         "Whether lower or higher is better; auto = max for accuracies, min for losses.", choices_text(modes),
         one_of(modes)));
@@ -564,6 +634,18 @@ void validate(const Config& c, const std::string& file) {
   if (c.train.micro_batch > 0 && c.train.batch_size % c.train.micro_batch != 0) {
     throw ConfigError(where + ": key 'train.micro_batch' = " + std::to_string(c.train.micro_batch) +
                       " must divide train.batch_size = " + std::to_string(c.train.batch_size));
+  }
+  const auto& sc = c.schedule;
+  const bool step_family = sc.name == "step" || sc.name == "multistep" || sc.name == "exponential" ||
+                           sc.name == "reduce_on_plateau";
+  if (sc.warmup_steps > 0 && !step_family) {
+    throw ConfigError(where + ": key 'schedule.warmup_steps' = " + std::to_string(sc.warmup_steps) +
+                      " applies to step | multistep | exponential | reduce_on_plateau; schedule.name = \"" + sc.name +
+                      "\" warms up over schedule.warmup_fraction");
+  }
+  if (sc.name == "multistep" && sc.milestones.empty()) {
+    throw ConfigError(where + ": key 'schedule.milestones' is empty; schedule.name = \"multistep\" needs at "
+                      "least one, e.g. milestones = [30, 60, 80]");
   }
   if (c.optim.nesterov && c.optim.name == "sgd" && c.optim.momentum <= 0) {
     throw ConfigError(where + ": key 'optim.nesterov' = true needs optim.momentum > 0 (got " +

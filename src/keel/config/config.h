@@ -68,12 +68,29 @@ struct Config {
     double beta1 = 0.9;
     double beta2 = 0.999;
     double eps = 1e-8;
+    double no_decay_lr_factor = 1.0;  // lr of the no-decay group (biases, norm weights) = lr x this
+    std::string lr_scaling = "none";  // none | linear | sqrt: scale lr by train.batch_size / base_batch_size
+    int64_t base_batch_size = 256;    // the batch size optim.lr was tuned for
   } optim;
   struct Schedule {
-    std::string name = "onecycle";  // onecycle | warmup_cosine | constant
-    double warmup_fraction = 0.15;  // share of all steps spent warming up
+    // onecycle | warmup_cosine | constant | step | multistep | exponential | reduce_on_plateau
+    std::string name = "onecycle";
+    double warmup_fraction = 0.15;  // onecycle / warmup_cosine: share of all steps spent warming up
     double start_factor = 0.04;     // lr at step 0 = lr * start_factor
-    double final_factor = 0.001;    // lr at the last step = lr * final_factor
+    double final_factor = 0.001;    // onecycle / warmup_cosine: lr at the last step = lr * final_factor
+    int64_t warmup_steps = 0;       // step / multistep / exponential / reduce_on_plateau: warm-up steps
+    std::string interval = "epoch";  // epoch | step: unit of step_size, milestones, exponential decay
+    int64_t step_size = 30;          // step: decay every step_size intervals
+    std::vector<int64_t> milestones;  // multistep: decay at these interval counts
+    double gamma = 0.1;               // step / multistep / exponential: decay multiplier
+    std::string plateau_monitor = "test_loss";  // schedule.plateau.monitor
+    std::string plateau_mode = "auto";          // schedule.plateau.mode: auto | min | max
+    double plateau_factor = 0.1;                // schedule.plateau.factor
+    int64_t plateau_patience = 10;              // schedule.plateau.patience
+    double plateau_threshold = 1e-4;            // schedule.plateau.threshold
+    std::string plateau_threshold_mode = "rel";  // schedule.plateau.threshold_mode: rel | abs
+    int64_t plateau_cooldown = 0;               // schedule.plateau.cooldown
+    double plateau_min_lr = 0.0;                // schedule.plateau.min_lr
   } schedule;
   struct Amp {
     std::string scaler = "auto";  // auto (on for fp16) | on | off

@@ -133,7 +133,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   StepResult r;
   r.samples = x.size(0);
   r.lr = lr_at_(steps_) * lr_scale_;
-  set_lr(opt_, r.lr);
+  set_lr(opt_, r.lr, o_.group_lr_factors);
   const int64_t attempt = ++attempts_;
   const bool inject = o_.inject.active_at(attempt);
 

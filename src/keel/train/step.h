@@ -42,6 +42,7 @@ struct StepOptions {
   double label_smoothing = 0.0;
   double clip_norm = 0.0;          // global L2 norm clip; 0 = off
   double clip_value = 0.0;         // element-wise clip; 0 = off
+  std::vector<double> group_lr_factors;  // per parameter group lr multiplier (empty = all 1), see group_lr_factors()
   LossScalerOptions scaler;        // enabled decided by the caller (fp16 -> on)
   GuardOptions guard;
   InjectOptions inject;
@@ -55,7 +56,7 @@ struct StepResult {
   at::Tensor correct;       // top-1 hits (long)
   at::Tensor grad_norm;     // global gradient norm before clipping (float)
   int64_t samples = 0;
-  double lr = 0;            // learning rate used
+  double lr = 0;            // learning rate used (of group 0; group i uses lr x group_lr_factors[i])
   std::string event;        // "", "skip", "rollback" — with details in `message`
   std::vector<std::string> notes;  // e.g. an out-of-memory recovery during this step
   std::string message;

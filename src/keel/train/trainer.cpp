@@ -55,6 +55,11 @@ models::StateDict clone_state(const models::Net& m) {
   return sd;
 }
 
+// The value of an epoch-end metric (early_stop.monitor, schedule.plateau.monitor) from the epoch's results.
+double monitored_value(const std::string& m, const FitResult& res) {
+  return m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
+}
+
 }  // namespace
 
 // Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
@@ -217,7 +222,10 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
 
   OptimizerOptions oo;
   oo.name = cfg_.optim.name;
-  oo.lr = cfg_.optim.lr;
+  lr_ = scaled_lr(cfg_.optim.lr, cfg_.optim.lr_scaling, cfg_.train.batch_size, cfg_.optim.base_batch_size);
+  oo.lr = lr_;
+  oo.no_decay_lr_factor = cfg_.optim.no_decay_lr_factor;
+  group_lr_factors_ = group_lr_factors(oo);
   oo.momentum = cfg_.optim.momentum;
   oo.nesterov = cfg_.optim.nesterov;
   oo.weight_decay = cfg_.optim.weight_decay;
@@ -230,6 +238,20 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   schedule_.warmup_fraction = cfg_.schedule.warmup_fraction;
   schedule_.start_factor = cfg_.schedule.start_factor;
   schedule_.final_factor = cfg_.schedule.final_factor;
+  const auto& sc = cfg_.schedule;
+  schedule_.warmup_steps = sc.warmup_steps;
+  schedule_.interval = sc.interval;
+  schedule_.step_size = sc.step_size;
+  schedule_.milestones = sc.milestones;
+  schedule_.gamma = sc.gamma;
+  schedule_.plateau.mode = sc.plateau_mode != "auto" ? sc.plateau_mode
+                                                     : (sc.plateau_monitor == "test_top1" ? "max" : "min");
+  schedule_.plateau.factor = sc.plateau_factor;
+  schedule_.plateau.patience = sc.plateau_patience;
+  schedule_.plateau.threshold = sc.plateau_threshold;
+  schedule_.plateau.threshold_mode = sc.plateau_threshold_mode;
+  schedule_.plateau.cooldown = sc.plateau_cooldown;
+  schedule_.plateau.min_lr = sc.plateau_min_lr;
 }
 
 Trainer::~Trainer() = default;
@@ -286,8 +308,13 @@ FitResult Trainer::fit(const std::string& resume) {
              per_epoch, tc.batch_size,
              tc.micro_batch > 0 ? fmt::format(" = {} x micro-batch {}", tc.batch_size / tc.micro_batch, tc.micro_batch)
                                 : std::string(),
-             total_steps, cfg_.optim.name, cfg_.optim.lr, cfg_.schedule.name, tc.precision,
+             total_steps, cfg_.optim.name, lr_, cfg_.schedule.name, tc.precision,
              tc.channels_last ? ", channels_last" : "");
+  if (cfg_.optim.lr_scaling != "none" || cfg_.optim.no_decay_lr_factor != 1.0) {
+    fmt::print("keel: lr {} = optim.lr {} scaled {} by batch {} / optim.base_batch_size {}; no-decay group lr {}\n",
+               lr_, cfg_.optim.lr, cfg_.optim.lr_scaling, tc.batch_size, cfg_.optim.base_batch_size,
+               lr_ * cfg_.optim.no_decay_lr_factor);
+  }
   if (!cfg_.memory.budget.empty()) {
     fmt::print("keel: memory budget {} ({})\n", cfg_.memory.budget,
                memory::format_bytes(*memory::cpu_budget()));
@@ -297,12 +324,16 @@ FitResult Trainer::fit(const std::string& resume) {
   }
   fmt::print("keel: run directory {}\n", run_dir_);
   std::fflush(stdout);
+  log.event({{"event", "lr_resolved"}, {"lr", lr_}, {"optim_lr", cfg_.optim.lr}, {"lr_scaling", cfg_.optim.lr_scaling},
+             {"batch_size", tc.batch_size}, {"base_batch_size", cfg_.optim.base_batch_size},
+             {"group_lr", {lr_ * group_lr_factors_.at(0), lr_ * group_lr_factors_.at(1)}}});
 
   StepOptions so;
   so.precision = tc.precision;
   so.channels_last = tc.channels_last;
   so.micro_batch = tc.micro_batch;
   so.oom_recovery = cfg_.memory.oom_recovery;
+  so.group_lr_factors = group_lr_factors_;
   so.label_smoothing = tc.label_smoothing;
   so.clip_norm = tc.grad_clip_norm;
   so.clip_value = tc.grad_clip_value;
@@ -329,10 +360,11 @@ FitResult Trainer::fit(const std::string& resume) {
     if (tc.channels_last) model_to_channels_last(*shadow);
     ema = std::make_unique<Ema>(shadow, *model_, cfg_.ema.decay);
   }
-  const double peak_lr = cfg_.optim.lr;
+  const double peak_lr = lr_;
+  Schedule schedule(schedule_, total_steps, per_epoch, peak_lr);
   monitor::StepTimer timer;
-  StepRunner runner(*model_, *optimizer_, so,
-                    [&](int64_t s) { return peak_lr * lr_factor(schedule_, s, total_steps); }, ema.get(), &timer);
+  StepRunner runner(*model_, *optimizer_, so, [&](int64_t s) { return peak_lr * schedule.factor(s); }, ema.get(),
+                    &timer);
 
   std::optional<EarlyStopping> stopper;
   models::StateDict best_weights;
@@ -357,6 +389,7 @@ FitResult Trainer::fit(const std::string& resume) {
     checkpoint::restore_optimizer(*ckpt, *optimizer_);
     const nlohmann::json& st = ckpt->state;
     runner.load_state(st.at("runner"));
+    if (st.contains("schedule")) schedule.load_state(st.at("schedule"));
     for (const auto& note : checkpoint::restore_rng_state(st.at("rng"))) fmt::print("checkpoint: {}\n", note);
     const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
     aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
@@ -382,6 +415,7 @@ FitResult Trainer::fit(const std::string& resume) {
     c.model = models::state_dict_of(*model_);
     checkpoint::capture_optimizer(c, *optimizer_);
     c.state["runner"] = runner.state();
+    c.state["schedule"] = schedule.state();
     c.state["rng"] = checkpoint::rng_state_json();
     at::Tensor ag = aug.rng_state().contiguous();
     c.state["augment_rng"] = checkpoint::base64_encode(
@@ -577,7 +611,7 @@ FitResult Trainer::fit(const std::string& resume) {
     res.epochs = epoch + 1;
     if (stopper) {
       const std::string& m = cfg_.early_stop.monitor;
-      const double v = m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
+      const double v = monitored_value(m, res);
       stop = stopper->update(v);
       if (stopper->improved()) {
         best_weights = clone_state(*model_);
@@ -590,6 +624,18 @@ FitResult Trainer::fit(const std::string& resume) {
                    {"best_epoch", res.best_epoch}});
         res.early_stopped = true;
       }
+    }
+    if (schedule.uses_metric()) {
+      const std::string& m = cfg_.schedule.plateau_monitor;
+      const double before = peak_lr * schedule.factor(runner.steps());
+      if (schedule.epoch_end(monitored_value(m, res), runner.steps())) {
+        const double after = peak_lr * schedule.factor(runner.steps());
+        progress.message(fmt::format("schedule: {} has not improved for {} epochs; lr {:.6g} -> {:.6g}", m,
+                                     cfg_.schedule.plateau_patience + 1, before, after));
+        log.event({{"event", "lr_reduced"}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"monitor", m},
+                   {"best", schedule.plateau().best()}, {"lr_before", before}, {"lr_after", after}});
+      }
+      extra["schedule"] = schedule.state();
     }
     log.epoch(runner.steps(), epoch + 1, evals, extra);
     if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0);

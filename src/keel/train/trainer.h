@@ -96,6 +96,8 @@ class Trainer {
   at::Device device_{at::kCPU};  // resolved run.device
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   ScheduleOptions schedule_;
+  double lr_ = 0;                       // optim.lr after optim.lr_scaling (the resolved peak rate)
+  std::vector<double> group_lr_factors_;  // per parameter group lr multiplier
 };
 
 }  // namespace keel::train
