@@ -55,9 +55,7 @@ TEST(Device, CudaWithoutAGpuSaysWhy) {
 
 TEST(Device, ConfigRejectsABadDeviceAndTheTrainerABadGpu) {
   EXPECT_THROW(config::load(KEEL_SOURCE_DIR "/configs/default.toml", {"run.device=tpu"}), config::ConfigError);
-  config::Config c = config::load(KEEL_SOURCE_DIR "/configs/default.toml", {"run.device=cuda:7"});
-  c.data.train_limit = 64;
-  c.data.test_limit = 64;
+  const config::Config c = config::load(KEEL_SOURCE_DIR "/configs/default.toml", {"run.device=cuda:7"});
   try {
     train::make_model(c);
     if (device::cuda_device_count() < 8) ADD_FAILURE() << "expected a ConfigError for cuda:7";
