@@ -173,3 +173,24 @@ TEST(Config, ScheduleCrossKeyErrorsNameTheKey) {
   EXPECT_NO_THROW(keel::config::parse("", "t", {"schedule.name=multistep", "schedule.milestones=[2, 5, 5]",
                                                 "schedule.warmup_steps=10"}));
 }
+
+TEST(Config, MicroBatchAcceptsAutoInFilesAndOverrides) {
+  Config f = keel::config::parse("[train]\nmicro_batch = \"auto\"\n", "t.toml");
+  EXPECT_EQ(f.train.micro_batch, keel::config::kAuto);
+  Config s = keel::config::parse("", "t.toml", {"train.micro_batch=auto"});
+  EXPECT_EQ(s.train.micro_batch, keel::config::kAuto);
+  Config q = keel::config::parse("", "t.toml", {"train.micro_batch=\"auto\""});
+  EXPECT_EQ(q.train.micro_batch, keel::config::kAuto);
+  Config n = keel::config::parse("", "t.toml", {"train.micro_batch=32"});
+  EXPECT_EQ(n.train.micro_batch, 32);
+  // "auto" survives the resolved-config round trip.
+  const std::string text = keel::config::to_toml(f);
+  EXPECT_THAT(text, HasSubstr("micro_batch = \"auto\""));
+  EXPECT_EQ(keel::config::parse(text, "resolved.toml").train.micro_batch, keel::config::kAuto);
+  EXPECT_THAT(error_of([] { keel::config::parse("[train]\nmicro_batch = \"max\"\n", "t.toml"); }),
+              HasSubstr("'train.micro_batch' expects integer or \"auto\", got \"max\""));
+  EXPECT_THAT(error_of([] { keel::config::parse("", "t.toml", {"train.micro_batch=-1"}); }),
+              HasSubstr("out of range"));
+  EXPECT_THAT(error_of([] { keel::config::parse("", "t.toml", {"train.batch_size=96", "train.micro_batch=64"}); }),
+              HasSubstr("must divide train.batch_size"));
+}

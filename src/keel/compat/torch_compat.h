@@ -44,7 +44,7 @@ class AutocastGuard {
   AutocastGuard(const AutocastGuard&) = delete;
   AutocastGuard& operator=(const AutocastGuard&) = delete;
 
- private:
+  // The current thread's autocast state for a device type.
   static bool is_enabled(at::DeviceType d) {
 #if KEEL_TORCH_AT_LEAST(2, 4)
     return at::autocast::is_autocast_enabled(d);
@@ -59,6 +59,8 @@ class AutocastGuard {
     return d == at::kCPU ? at::autocast::get_autocast_cpu_dtype() : at::autocast::get_autocast_gpu_dtype();
 #endif
   }
+
+ private:
   static void set(at::DeviceType d, bool enabled, at::ScalarType dtype) {
 #if KEEL_TORCH_AT_LEAST(2, 4)
     at::autocast::set_autocast_enabled(d, enabled);

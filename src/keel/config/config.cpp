@@ -28,6 +28,7 @@ struct Field {
   std::function<Value(const Config&)> get;
   std::function<void(Config&, const Value&)> set;
   std::function<std::string(const Value&)> check;  // empty string = ok, else what was expected
+  bool auto_int = false;  // an integer that may also be the string "auto" (stored as config::kAuto)
 };
 
 std::string fmt_double(double v) {
@@ -61,6 +62,12 @@ std::string to_text(const Value& v) {
     }
   };
   return std::visit(V{}, v);
+}
+
+// A field's value as TOML text ("auto" for an auto_int field holding kAuto).
+std::string field_text(const Field& f, const Value& v) {
+  if (f.auto_int && std::get<int64_t>(v) == kAuto) return "\"auto\"";
+  return to_text(v);
 }
 
 template <class S, class T>
@@ -213,6 +220,10 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Model, std::string>("model.weights", &C::model, &C::Model::weights,
         "Optional `torch.save(model.state_dict())` file (e.g. from torchvision) loaded by parameter name before training; every key and shape must match.",
         "path or empty", nullptr));
+    f.push_back(make_field<C::Model, bool>("model.checkpoint_stages", &C::model, &C::Model::checkpoint_stages,
+        "Activation checkpointing: each ResNet stage keeps only its input in the forward and recomputes its "
+        "activations in the backward, trading about one extra forward of compute for activation memory "
+        "(docs/memory.md has the measured cost).", "", nullptr));
     // train
     f.push_back(make_field<C::Train, int64_t>("train.epochs", &C::train, &C::Train::epochs,
         "Passes over the training set.", ">= 1", int_at_least(1)));
@@ -233,7 +244,12 @@ const std::vector<Field>& schema() {
         choices_text(precisions), one_of(precisions)));
     f.push_back(make_field<C::Train, int64_t>("train.micro_batch", &C::train, &C::Train::micro_batch,
         "Samples per forward/backward; the batch is split into micro-batches whose gradients accumulate into "
-        "one optimizer step (0 = the whole batch). Must divide train.batch_size.", ">= 0", int_at_least(0)));
+        "one optimizer step (0 = the whole batch). Must divide train.batch_size. `\"auto\"`: at start-up the "
+        "planner (`keel plan-batch`) picks the largest divisor of train.batch_size whose full step fits "
+        "memory.budget minus memory.plan_margin, and the largest evaluation micro-batch likewise.",
+        ">= 0 or \"auto\"", int_at_least(0)));
+    f.back().auto_int = true;
+    f.back().type = "integer or \"auto\"";
     f.push_back(make_field<C::Train, double>("train.grad_clip_norm", &C::train, &C::Train::grad_clip_norm,
         "Clip gradients to this global L2 norm (0 = off); the norm before clipping is logged.", ">= 0",
         float_in(0, kInf)));
@@ -417,7 +433,11 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Memory, std::string>("memory.budget", &C::memory, &C::Memory::budget,
         "Memory the run may allocate: bytes with a unit (`\"3GiB\"`, `\"512MiB\"`, `\"1.5GB\"`) or a fraction of "
         "the device's memory (`\"0.8\"`, `\"80%\"`); empty = no budget. On CPU it is enforced by keel's allocator, "
-        "which throws the same out-of-memory error a GPU would.", "empty or a size", nullptr));
+        "which throws the same out-of-memory error a GPU would; on CUDA through the caching allocator's memory "
+        "fraction.", "empty or a size", nullptr));
+    f.push_back(make_field<C::Memory, double>("memory.plan_margin", &C::memory, &C::Memory::plan_margin,
+        "Safety margin of the batch planner (`train.micro_batch = \"auto\"`, `keel plan-batch`): a micro-batch "
+        "is chosen only if its full step fits in (1 - margin) x the budget.", "[0, 0.9]", float_in(0, 0.9)));
     f.push_back(make_field<C::Memory, bool>("memory.oom_recovery", &C::memory, &C::Memory::oom_recovery,
         "On out-of-memory in forward/backward: free the partial step, halve train.micro_batch (doubling the "
         "accumulation steps) and replay the same samples; the effective batch never changes.", "", nullptr));
@@ -425,10 +445,13 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Debug, int64_t>("debug.stop_after_steps", &C::debug, &C::Debug::stop_after_steps,
         "Stop the run after this many optimizer steps as if it had been killed (no final checkpoint); the "
         "schedule still spans the whole run. For resume tests (0 = off).", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Debug, bool>("debug.log_sample_ids", &C::debug, &C::Debug::log_sample_ids,
+        "Append every training batch's dataset indices (epoch, batch, step, applied) to "
+        "<run.dir>/<run.name>/sample_ids.jsonl, to audit that each sample is used once per epoch.", "", nullptr));
     f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_oom_steps", &C::debug,
         &C::Debug::inject_oom_steps,
-        "Fault injection: the step attempts with these 1-based numbers throw an out-of-memory error in their first "
-        "forward (once each), to see the recovery work.", "positive integers",
+        "Fault injection: the step attempts with these 1-based numbers throw an out-of-memory error after the "
+        "forward of their last micro-batch (once each), to see the recovery work.", "positive integers",
         [](const std::vector<int64_t>& v) -> std::string {
           for (auto x : v) if (x < 1) return "positive step numbers";
           return "";
@@ -512,6 +535,11 @@ Value convert(const Field& f, const toml::node& n, const Origin& where) {
   auto wrong = [&](const std::string& got) {
     return ConfigError(where.str() + ": key '" + f.key + "' expects " + f.type + ", got " + got);
   };
+  if (f.auto_int) {
+    if (auto v = n.as_integer()) return Value(v->get());
+    if (auto v = n.as_string(); v && v->get() == "auto") return Value(kAuto);
+    throw wrong(n.is_string() ? "\"" + n.as_string()->get() + "\"" : toml_type_name(n));
+  }
   if (f.type == "integer") {
     if (auto v = n.as_integer()) return Value(v->get());
     throw wrong(toml_type_name(n));
@@ -556,7 +584,7 @@ Value convert(const Field& f, const toml::node& n, const Origin& where) {
 
 void assign(Config& c, const Field& f, const toml::node& n, const Origin& where) {
   Value v = convert(f, n, where);
-  std::string expected = f.check(v);
+  std::string expected = f.auto_int && n.is_string() ? std::string() : f.check(v);  // "auto" needs no range
   if (!expected.empty()) {
     throw ConfigError(where.str() + ": key '" + f.key + "' = " + to_text(v) + " is out of range; expected " +
                       expected);
@@ -596,7 +624,9 @@ void apply_override(Config& c, const std::string& arg) {
   try {
     parsed = toml::parse("v = " + text);
   } catch (const toml::parse_error&) {
-    if (f->type != "string") {
+    if (f->auto_int && text == "auto") {
+      parsed = toml::table{{"v", text}};
+    } else if (f->type != "string") {
       throw ConfigError(where.str() + ": key '" + key + "' expects " + f->type + ", got '" + text + "'");
     }
     parsed = toml::table{{"v", text}};
@@ -694,7 +724,7 @@ std::string to_toml(const Config& c) {
       out += "\n[" + sec + "]\n";
       section = sec;
     }
-    out += f.key.substr(sec.size() + 1) + " = " + to_text(f.get(c)) + "\n";
+    out += f.key.substr(sec.size() + 1) + " = " + field_text(f, f.get(c)) + "\n";
   }
   return out;
 }
@@ -718,7 +748,7 @@ std::string reference_markdown() {
       out += "\n## [" + sec + "]\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
       section = sec;
     }
-    std::string def = to_text(f.get(defaults));
+    std::string def = field_text(f, f.get(defaults));
     out += "| `" + f.key + "` | " + f.type + " | `" + def + "` | " + f.range + " | " + f.doc + " |\n";
   }
   return out;

@@ -8,6 +8,9 @@
 
 namespace keel::config {
 
+// The stored value of an integer key written as "auto" (train.micro_batch).
+inline constexpr int64_t kAuto = -1;
+
 // A configuration error a user can act on: names the key, where it came from and what was expected.
 class ConfigError : public std::runtime_error {
  public:
@@ -45,6 +48,7 @@ struct Config {
     int64_t in_channels = 1;
     int64_t num_classes = 10;
     std::string weights;  // optional torch.save() state dict to start from
+    bool checkpoint_stages = false;  // activation checkpointing per ResNet stage
   } model;
   struct Train {
     int64_t epochs = 2;
@@ -53,7 +57,7 @@ struct Config {
     double label_smoothing = 0.0;
     bool channels_last = true;
     std::string precision = "fp32";  // fp32 | bf16 | fp16
-    int64_t micro_batch = 0;         // samples per forward/backward (0 = batch_size)
+    int64_t micro_batch = 0;         // samples per forward/backward (0 = batch_size; kAuto = planned)
     double grad_clip_norm = 0.0;     // 0 = off
     double grad_clip_value = 0.0;    // 0 = off
     int64_t log_every = 50;          // steps between progress lines (and loss read-backs)
@@ -123,9 +127,11 @@ struct Config {
   struct Memory {
     std::string budget;        // "" = none; "3GiB", "512MiB", "0.8", "80%"
     bool oom_recovery = true;  // halve the micro-batch and replay on out-of-memory
+    double plan_margin = 0.1;  // the planner keeps this fraction of the budget free
   } memory;
   struct Debug {
     int64_t stop_after_steps = 0;           // simulate an interruption (0 = off)
+    bool log_sample_ids = false;            // write <run>/sample_ids.jsonl (sample audit)
     std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
     std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
     std::string inject_where = "loss";     // debug.inject_nonfinite.where

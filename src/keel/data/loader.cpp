@@ -22,6 +22,7 @@ namespace {
 struct Slot {
   at::Tensor images;  // uint8 (batch_size, C, H, W)
   at::Tensor labels;  // int64 (batch_size)
+  at::Tensor ids;     // int64 (batch_size): dataset index of each sample
 };
 
 // Free buffers. Shared with the deleters of delivered batches, so a batch may outlive its Loader.
@@ -43,7 +44,7 @@ class Pool {
       }
     }
     return Slot{at::empty({batch_size_, shape_.channels, shape_.height, shape_.width}, at::kByte),
-                at::empty({batch_size_}, at::kLong)};
+                at::empty({batch_size_}, at::kLong), at::empty({batch_size_}, at::kLong)};
   }
 
   // Returns a buffer; beyond `keep` free ones it is freed, so memory stays bounded.
@@ -158,6 +159,7 @@ struct Loader::Impl {
     const int64_t end = std::min<int64_t>(begin + opts.batch_size(), order.size());
     uint8_t* images = slot.images.data_ptr<uint8_t>();
     int64_t* labels = slot.labels.data_ptr<int64_t>();
+    int64_t* ids = slot.ids.data_ptr<int64_t>();
     for (int64_t j = begin; j < end; ++j) {
       if (cancel.load(std::memory_order_relaxed)) return -1;
       const size_t index = static_cast<size_t>(order[j]);
@@ -165,6 +167,7 @@ struct Loader::Impl {
       std::string reason;
       try {
         load(index, dst, &labels[j - begin]);
+        ids[j - begin] = static_cast<int64_t>(index);
         continue;
       } catch (const std::exception& e) {
         reason = e.what();
@@ -182,6 +185,7 @@ struct Loader::Impl {
         const size_t alt = static_cast<size_t>(order[(static_cast<size_t>(j) + step) % n]);
         try {
           load(alt, dst, &labels[j - begin]);
+          ids[j - begin] = static_cast<int64_t>(alt);
           replaced = true;
         } catch (const std::exception& e) {
           report(alt, e.what());
@@ -347,6 +351,7 @@ std::optional<Batch> Loader::next() {
                                [lease](void*) {}, at::TensorOptions().dtype(at::kByte));
   batch.labels = at::from_blob(lease->slot.labels.data_ptr(), {r.n}, [lease](void*) {},
                                at::TensorOptions().dtype(at::kLong));
+  batch.ids = at::from_blob(lease->slot.ids.data_ptr(), {r.n}, [lease](void*) {}, at::TensorOptions().dtype(at::kLong));
   return batch;
 }
 

@@ -37,6 +37,7 @@ struct LoaderOptions {
 struct Batch {
   at::Tensor images;  // uint8 (N, C, H, W), contiguous
   at::Tensor labels;  // int64 (N)
+  at::Tensor ids;     // int64 (N): the dataset index of each sample (after any on_error replacement)
   int64_t index = 0;  // batch number in the epoch
 };
 

@@ -12,6 +12,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+
 namespace keel::device {
 
 bool cuda_built() { return true; }
@@ -23,6 +27,29 @@ void cuda_synchronize(int index) {
   c10::cuda::device_synchronize();
 }
 
+namespace {
+// memory.budget per device index, as set by cuda_set_budget (absent: none).
+std::mutex budget_mutex;
+std::map<int, int64_t> budgets;
+}  // namespace
+
+int64_t cuda_total_memory(int index) {
+  size_t free_bytes = 0, total_bytes = 0;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
+  C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return static_cast<int64_t>(total_bytes);
+}
+
+void cuda_set_budget(int index, std::optional<int64_t> bytes) {
+  const int64_t total = cuda_total_memory(index);
+  const double fraction = bytes ? std::min(1.0, static_cast<double>(*bytes) / static_cast<double>(total)) : 1.0;
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, static_cast<c10::DeviceIndex>(index));
+  std::lock_guard<std::mutex> lock(budget_mutex);
+  if (bytes) budgets[index] = *bytes; else budgets.erase(index);
+}
+
+void cuda_empty_cache() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+
 MemoryStats cuda_memory_stats(int index) {
   const auto dev = static_cast<c10::DeviceIndex>(index);
   const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(dev);
@@ -31,10 +58,10 @@ MemoryStats cuda_memory_stats(int index) {
   s.current = st.allocated_bytes[kAggregate].current;
   s.peak = st.allocated_bytes[kAggregate].peak;
   s.reserved = st.reserved_bytes[kAggregate].current;
-  size_t free_bytes = 0, total_bytes = 0;
-  c10::cuda::CUDAGuard guard(dev);
-  C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  s.budget = static_cast<int64_t>(total_bytes);
+  s.alloc_retries = st.num_alloc_retries;
+  s.budget = cuda_total_memory(index);
+  std::lock_guard<std::mutex> lock(budget_mutex);
+  if (auto it = budgets.find(index); it != budgets.end()) s.budget = it->second;
   return s;
 }
 

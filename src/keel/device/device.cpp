@@ -4,6 +4,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <stdexcept>
 
+#include "keel/memory/budget.h"
 #include "keel/memory/cpu_allocator.h"
 
 namespace keel::device {
@@ -13,6 +14,9 @@ namespace detail {
 void cuda_synchronize(int index);
 MemoryStats cuda_memory_stats(int index);
 void cuda_reset_peak(int index);
+int64_t cuda_total_memory(int index);
+void cuda_set_budget(int index, std::optional<int64_t> bytes);
+void cuda_empty_cache();
 }  // namespace detail
 
 int cuda_device_count() {
@@ -65,6 +69,22 @@ MemoryStats memory_stats(const at::Device& d) {
   s.reserved = c.current;
   s.budget = c.budget;
   return s;
+}
+
+int64_t total_memory(const at::Device& d) {
+  return d.is_cuda() ? detail::cuda_total_memory(d.index() < 0 ? 0 : d.index()) : memory::total_cpu_memory_bytes();
+}
+
+void set_budget(const at::Device& d, std::optional<int64_t> bytes) {
+  if (d.is_cuda()) {
+    detail::cuda_set_budget(d.index() < 0 ? 0 : d.index(), bytes);
+  } else {
+    memory::set_cpu_budget(bytes);
+  }
+}
+
+void empty_cache(const at::Device& d) {
+  if (d.is_cuda()) detail::cuda_empty_cache();
 }
 
 void reset_peak(const at::Device& d) {

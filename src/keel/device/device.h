@@ -6,6 +6,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace keel::device {
@@ -32,10 +33,22 @@ struct MemoryStats {
   int64_t current = 0;   // bytes in live tensors
   int64_t peak = 0;      // highest `current` since the last reset_peak()
   int64_t reserved = 0;  // bytes held by the allocator (CUDA caching allocator; = current on CPU)
-  int64_t budget = -1;   // CPU: memory.budget; CUDA: total device memory; -1 when unknown
+  int64_t budget = -1;   // memory.budget (set_budget); CUDA without one: total device memory; -1 when unknown
+  int64_t alloc_retries = 0;  // CUDA: allocations that freed cached blocks and retried (0 on CPU)
 };
 MemoryStats memory_stats(const at::Device& d);
 void reset_peak(const at::Device& d);
+
+// All the memory the device has: CPU = memory::total_cpu_memory_bytes(); CUDA = the GPU's total.
+int64_t total_memory(const at::Device& d);
+
+// Caps what the run may allocate on `d` (nullopt: no cap). CPU: keel's counting allocator throws
+// c10::OutOfMemoryError past it (memory/cpu_allocator.h); CUDA: the caching allocator's memory
+// fraction (bytes / total), past which it throws the same error.
+void set_budget(const at::Device& d, std::optional<int64_t> bytes);
+
+// After an out-of-memory error: hands the caching allocator's free blocks back (CUDA); no-op on CPU.
+void empty_cache(const at::Device& d);
 
 // Moves uint8 batches from the loader to the training device. On CUDA the host batch is staged in
 // pinned memory and copied on a side stream, so the copy of batch k+1 overlaps the compute of

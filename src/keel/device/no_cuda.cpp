@@ -16,6 +16,9 @@ namespace detail {
 void cuda_synchronize(int) { no_cuda(); }
 MemoryStats cuda_memory_stats(int) { no_cuda(); }
 void cuda_reset_peak(int) { no_cuda(); }
+int64_t cuda_total_memory(int) { no_cuda(); }
+void cuda_set_budget(int, std::optional<int64_t>) { no_cuda(); }
+void cuda_empty_cache() { no_cuda(); }
 }  // namespace detail
 
 struct Uploader::Impl {};

@@ -15,6 +15,7 @@ NetPtr create(const ModelSpec& spec) {
   if (auto o = resnet_options(spec.name)) {
     o->in_channels = spec.in_channels;
     o->num_classes = spec.num_classes;
+    o->checkpoint_stages = spec.checkpoint_stages;
     return std::make_shared<ResNet>(*o);
   }
   std::string known;

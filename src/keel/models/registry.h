@@ -10,6 +10,7 @@ struct ModelSpec {
   std::string name = "resnet20";  // see available()
   int64_t in_channels = 3;
   int64_t num_classes = 10;
+  bool checkpoint_stages = false;  // activation checkpointing per stage (ResNetOptions)
 };
 
 // Builds a freshly initialised model; throws std::invalid_argument naming the known models

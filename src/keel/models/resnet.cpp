@@ -2,6 +2,11 @@
 // and initialisation (Kaiming-normal fan-out convs, unit BN weights).
 #include "keel/models/resnet.h"
 
+#include <torch/autograd.h>
+#include <torch/torch.h>
+
+#include "keel/compat/torch_compat.h"
+
 #include "keel/models/watch.h"
 
 #include <torch/nn/init.h>
@@ -109,9 +114,59 @@ at::Tensor ResNet::forward(at::Tensor x) {
     x = torch::nn::functional::max_pool2d(
         x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));
   }
-  for (auto& stage : stages) x = stage->forward(x);
+  for (auto& stage : stages) x = opts.checkpoint_stages ? checkpointed_forward(stage, x) : stage->forward(x);
   x = x.mean({2, 3});  // (N, C_last)
   return watch("fc", fc(x));
+}
+
+namespace {
+
+// The autograd node of checkpointed_forward. Non-tensor arguments (the stage) pass through apply.
+struct StageCheckpoint : torch::autograd::Function<StageCheckpoint> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, torch::nn::SequentialImpl* stage) {
+    // Runs with gradients off (Function::apply): no activation of the stage is saved.
+    ctx->save_for_backward({x});
+    ctx->saved_data["stage"] = reinterpret_cast<int64_t>(stage);
+    const at::DeviceType dt = x.device().type();
+    const bool ac = (dt == at::kCPU || dt == at::kCUDA) && compat::AutocastGuard::is_enabled(dt);
+    ctx->saved_data["autocast"] = ac;
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(ac ? compat::AutocastGuard::get_dtype(dt) : at::kFloat);
+    return stage->forward(x);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto* stage = reinterpret_cast<torch::nn::SequentialImpl*>(ctx->saved_data["stage"].toInt());
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    at::Tensor xd = x.detach().requires_grad_(x.requires_grad());
+    // The forward already updated the BatchNorm running statistics; the recomputation must not again.
+    std::vector<at::Tensor> buffers = stage->buffers(), saved;
+    for (const auto& b : buffers) saved.push_back(b.detach().clone());
+    at::Tensor out;
+    {
+      torch::AutoGradMode grad_on(true);
+      const at::DeviceType dt = x.device().type();
+      std::optional<compat::AutocastGuard> ac;
+      if (ctx->saved_data["autocast"].toBool()) {
+        ac.emplace(dt, true, static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+      }
+      out = stage->forward(xd);
+    }
+    {
+      torch::NoGradGuard ng;
+      for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
+    }
+    // Re-entrant backward through the recomputed stage: parameter gradients accumulate as usual.
+    torch::autograd::backward({out}, {grad_out[0]});
+    return {xd.requires_grad() ? xd.grad() : at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor checkpointed_forward(torch::nn::Sequential& stage, const at::Tensor& x) {
+  if (!torch::GradMode::is_enabled() || !x.requires_grad()) return stage->forward(x);
+  return StageCheckpoint::apply(x, stage.get());
 }
 
 double ResNet::macs_per_image(int64_t height, int64_t width) const {

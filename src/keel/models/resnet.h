@@ -19,6 +19,9 @@ struct ResNetOptions {
   bool imagenet_stem = true;  // 7x7/2 conv + 3x3/2 max-pool; false: 3x3/1 conv (CIFAR)
   int64_t in_channels = 3;
   int64_t num_classes = 1000;
+  // Activation checkpointing: each stage (layer1..N) keeps only its input during the forward and
+  // recomputes its activations in the backward (memory for compute; model.checkpoint_stages).
+  bool checkpoint_stages = false;
 };
 
 // One residual block (basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1 with expansion 4).
@@ -49,6 +52,12 @@ struct ResNet : Net {
   std::vector<torch::nn::Sequential> stages;
   torch::nn::Linear fc{nullptr};
 };
+
+// Runs `stage` on x with activation checkpointing: the forward keeps no activations of the stage;
+// the backward recomputes them (under the forward's autocast state, with the stage's BatchNorm
+// statistics put back so they are updated once) and back-propagates through the recomputation.
+// Without gradient mode, or when x does not require grad, it is a plain forward.
+at::Tensor checkpointed_forward(torch::nn::Sequential& stage, const at::Tensor& x);
 
 // ResNet options for a registered name (resnet18/34/50/101/152, resnet20/32/44/56/110); nullopt if unknown.
 std::optional<ResNetOptions> resnet_options(const std::string& name);

@@ -45,7 +45,7 @@ std::optional<Location> locate_nonfinite_grad(const torch::nn::Module& model);
 struct InjectOptions {
   std::vector<int64_t> steps;  // 1-based attempt numbers: the Nth batch offered to the step (skips counted)
   std::string where = "loss";  // "loss" | "grad" | a module name ("layer1.0.conv2")
-  std::vector<int64_t> oom_steps;  // attempts whose first forward throws an out-of-memory error (once each)
+  std::vector<int64_t> oom_steps;  // attempts whose last micro-batch's forward throws out-of-memory (once each)
   bool active_at(int64_t step) const;
 };
 

@@ -43,13 +43,15 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
   for (int64_t start = 0; start < n; start += mb) {
     const int64_t len = std::min(mb, n - start);
     at::Tensor xm = x.narrow(0, start, len), ym = y.narrow(0, start, len);  // (m, C, H, W), (m)
-    if (start == 0 && o_.inject.oom_steps.size() && std::count(o_.inject.oom_steps.begin(), o_.inject.oom_steps.end(), attempts_) &&
+    at::Tensor logits = forward_logits(model_, xm, o_.precision);          // (m, K)
+    // Injected out-of-memory: thrown in the last micro-batch after its forward, when the earlier
+    // micro-batches' gradients and this one's activations are all allocated, as a real OOM would be.
+    if (start + len == n && std::count(o_.inject.oom_steps.begin(), o_.inject.oom_steps.end(), attempts_) &&
         !std::count(oom_injected_.begin(), oom_injected_.end(), attempts_)) {
       oom_injected_.push_back(attempts_);
       TORCH_CHECK_WITH(OutOfMemoryError, false, "injected out-of-memory (debug.inject_oom_steps) at attempt ",
                        attempts_);
     }
-    at::Tensor logits = forward_logits(model_, xm, o_.precision);          // (m, K)
     at::Tensor loss = at::cross_entropy_loss(logits, ym, {}, at::Reduction::Mean, -100, o_.label_smoothing);
     if (inject_loss) loss = loss + std::numeric_limits<float>::quiet_NaN();
     if (timer_) timer_->mark(monitor::Phase::kForward);
@@ -167,7 +169,14 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       oom_message = e.what();
       oom_message = oom_message.substr(0, oom_message.find('\n'));
     }
+    // Undo the partial step: gradients freed, BatchNorm statistics back to before the batch (the
+    // replay updates them once), the CUDA cache handed back so the smaller micro-batch can use it.
     for (auto& p : params_) p.mutable_grad() = at::Tensor();
+    {
+      torch::NoGradGuard ng;
+      for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(buffer_backup_[i]);
+    }
+    device::empty_cache(device_);
     r.loss.zero_();
     r.correct.zero_();
     const int64_t n = x.size(0);

@@ -86,6 +86,7 @@ class StepRunner {
   int64_t rollbacks() const { return rollbacks_; }
   double lr_scale() const { return lr_scale_; }      // product of rollback factors
   int64_t micro_batch() const { return o_.micro_batch; }  // resolved (shrinks after an OOM); 0 = whole batch
+  void set_micro_batch(int64_t m) { o_.micro_batch = m; }  // 0 = whole batch (the planner's trials)
   int64_t oom_recoveries() const { return oom_recoveries_; }
   const LossScaler& scaler() const { return scaler_; }
   const std::vector<std::string>& events() const { return events_; }  // guard log, human-readable

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include <fmt/format.h>
@@ -22,6 +23,7 @@
 #include "keel/models/state_dict.h"
 #include "keel/memory/budget.h"
 #include "keel/memory/cpu_allocator.h"
+#include "keel/memory/oom.h"
 #include "keel/monitor/bottleneck.h"
 #include "keel/monitor/device_peak.h"
 #include "keel/monitor/progress.h"
@@ -93,6 +95,49 @@ data::LoaderOptions loader_options(const config::Config& c, bool train) {
 }
 
 
+OptimizerOptions optimizer_options(const config::Config& c) {
+  OptimizerOptions oo;
+  oo.name = c.optim.name;
+  oo.lr = scaled_lr(c.optim.lr, c.optim.lr_scaling, c.train.batch_size, c.optim.base_batch_size);
+  oo.no_decay_lr_factor = c.optim.no_decay_lr_factor;
+  oo.momentum = c.optim.momentum;
+  oo.nesterov = c.optim.nesterov;
+  oo.weight_decay = c.optim.weight_decay;
+  oo.beta1 = c.optim.beta1;
+  oo.beta2 = c.optim.beta2;
+  oo.eps = c.optim.eps;
+  return oo;
+}
+
+StepOptions step_options(const config::Config& c) {
+  const auto& tc = c.train;
+  StepOptions so;
+  so.precision = tc.precision;
+  so.channels_last = tc.channels_last;
+  so.micro_batch = tc.micro_batch == config::kAuto ? 0 : tc.micro_batch;
+  so.oom_recovery = c.memory.oom_recovery;
+  so.group_lr_factors = group_lr_factors(optimizer_options(c));
+  so.label_smoothing = tc.label_smoothing;
+  so.clip_norm = tc.grad_clip_norm;
+  so.clip_value = tc.grad_clip_value;
+  so.scaler.enabled = c.amp.scaler == "on" || (c.amp.scaler == "auto" && tc.precision == "fp16");
+  so.scaler.init_scale = c.amp.init_scale;
+  so.scaler.growth_factor = c.amp.growth_factor;
+  so.scaler.backoff_factor = c.amp.backoff_factor;
+  so.scaler.growth_interval = c.amp.growth_interval;
+  so.guard.enabled = c.guard.enabled;
+  so.guard.max_consecutive_skips = c.guard.max_consecutive_skips;
+  so.guard.max_rollbacks = c.guard.max_rollbacks;
+  so.guard.lr_factor = c.guard.lr_factor;
+  so.guard.snapshot_every = c.guard.snapshot_every;
+  so.guard.locate = c.guard.locate;
+  so.guard.spike_factor = c.guard.spike_factor;
+  so.inject.steps = c.debug.inject_steps;
+  so.inject.where = c.debug.inject_where;
+  so.inject.oom_steps = c.debug.inject_oom_steps;
+  return so;
+}
+
 nlohmann::json EvalResult::to_json() const {
   return {{"loss", loss}, {"top1", top1}, {"top5", top5}, {"samples", samples}, {"seconds", seconds}};
 }
@@ -152,7 +197,7 @@ std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, boo
 
 models::NetPtr make_model(const config::Config& cfg) {
   torch::manual_seed(static_cast<uint64_t>(cfg.run.seed));
-  auto model = models::create({cfg.model.name, cfg.model.in_channels, cfg.model.num_classes});
+  auto model = models::create({cfg.model.name, cfg.model.in_channels, cfg.model.num_classes, cfg.model.checkpoint_stages});
   if (!cfg.model.weights.empty()) {
     models::load_state_dict(*model, models::read_state_dict(cfg.model.weights));
   }
@@ -165,7 +210,7 @@ models::NetPtr make_model(const config::Config& cfg) {
 }
 
 EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
-                    bool channels_last, const std::string& precision) {
+                    bool channels_last, const std::string& precision, int64_t* micro_batch, bool oom_recovery) {
   const auto t0 = Clock::now();
   torch::NoGradGuard no_grad;
   model.eval();
@@ -174,20 +219,47 @@ EvalResult evaluate(models::Net& model, data::Loader& loader, const data::Device
   const auto on_device = at::TensorOptions().device(up.device());
   at::Tensor loss_sum = at::zeros({}, on_device.dtype(at::kDouble)), top1 = at::zeros({}, on_device.dtype(at::kLong)),
              top5 = at::zeros({}, on_device.dtype(at::kLong));
+  EvalResult r;
   int64_t n = 0;
   while (auto b = loader.next()) {
     at::Tensor x = to_layout(aug.eval(up.upload(b->images)), channels_last);  // (N, C, H, W)
     at::Tensor y = up.upload(b->labels);                                      // (N)
-    at::Tensor logits = forward_logits(model, x, precision);                  // (N, K)
-    loss_sum += at::cross_entropy_loss(logits, y, {}, at::Reduction::Sum).to(at::kDouble);
-    const int64_t k = std::min<int64_t>(5, logits.size(1));
-    at::Tensor pred = std::get<1>(logits.topk(k, 1));  // (N, k)
-    at::Tensor hit = pred.eq(y.view({-1, 1}));
-    top1 += hit.select(1, 0).sum();
-    top5 += hit.any(1).sum();
+    const int64_t len = x.size(0);
+    for (;;) {  // one pass over the batch in micro-batches; replayed smaller after an out-of-memory error
+      std::string oom;
+      const int64_t m = micro_batch && *micro_batch > 0 ? std::min(*micro_batch, len) : len;
+      try {
+        at::Tensor ls = at::zeros_like(loss_sum), t1 = at::zeros_like(top1), t5 = at::zeros_like(top5);
+        for (int64_t s = 0; s < len; s += m) {
+          const int64_t k = std::min(m, len - s);
+          at::Tensor ym = y.narrow(0, s, k);
+          at::Tensor logits = forward_logits(model, x.narrow(0, s, k), precision);  // (k, K)
+          ls += at::cross_entropy_loss(logits, ym, {}, at::Reduction::Sum).to(at::kDouble);
+          at::Tensor pred = std::get<1>(logits.topk(std::min<int64_t>(5, logits.size(1)), 1));  // (k, 5)
+          at::Tensor hit = pred.eq(ym.view({-1, 1}));
+          t1 += hit.select(1, 0).sum();
+          t5 += hit.any(1).sum();
+        }
+        loss_sum += ls;
+        top1 += t1;
+        top5 += t5;
+        break;
+      } catch (const std::exception& e) {
+        if (!micro_batch || !oom_recovery || !memory::is_out_of_memory(e)) throw;
+        oom = e.what();
+        oom = oom.substr(0, oom.find('\n'));
+      }
+      device::empty_cache(up.device());
+      if (m <= 1) {
+        throw std::runtime_error(fmt::format("out of memory in evaluation at micro-batch 1: {}. Raise memory.budget "
+                                             "or lower the image size.", oom));
+      }
+      *micro_batch = m / 2;
+      r.notes.push_back(fmt::format("out of memory in evaluation with micro-batch {} ({}); evaluating with "
+                                    "micro-batch {} from here on", m, oom, *micro_batch));
+    }
     n += b->labels.size(0);
   }
-  EvalResult r;
   r.samples = n;
   if (n > 0) {
     r.loss = loss_sum.item<double>() / n;
@@ -198,7 +270,42 @@ EvalResult evaluate(models::Net& model, data::Loader& loader, const data::Device
   return r;
 }
 
+PlanResult plan_for_config(const config::Config& cfg, models::Net& model, torch::optim::Optimizer& opt,
+                           const data::ImageShape& shape) {
+  const at::Device dev = device::of(model);
+  StepOptions so = step_options(cfg);
+  so.oom_recovery = false;  // a trial that does not fit must fail, not shrink itself
+  so.inject = InjectOptions();
+  const double lr = optimizer_options(cfg).lr;
+  StepRunner runner(model, opt, so, [lr](int64_t) { return lr; });
+  PlanOptions po;
+  po.batch_size = cfg.train.batch_size;
+  po.eval_batch_size = cfg.train.eval_batch_size;
+  po.channels = shape.channels;
+  po.height = shape.height;
+  po.width = shape.width;
+  po.num_classes = cfg.model.num_classes;
+  po.precision = cfg.train.precision;
+  po.channels_last = cfg.train.channels_last;
+  po.budget = run_budget(cfg, dev);
+  po.margin = cfg.memory.plan_margin;
+  // Held beside the step during training: on CPU the loader's queued uint8 batches; the EMA's copy.
+  const data::LoaderOptions lo = loader_options(cfg, true);
+  if (!dev.is_cuda()) po.reserve += (lo.prefetch() + lo.workers()) * cfg.train.batch_size * shape.numel();
+  if (cfg.ema.enabled) {
+    for (const auto& p : model.parameters()) po.reserve += p.numel() * static_cast<int64_t>(p.element_size());
+  }
+  return plan_batch(model, runner, po);
+}
+
+int64_t run_budget(const config::Config& cfg, const at::Device& dev) {
+  const int64_t total = device::total_memory(dev);
+  return cfg.memory.budget.empty() ? total : memory::parse_budget(cfg.memory.budget, total).bytes;
+}
+
 Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
+  // CPU memory accounting from the first tensor on, so the model and optimizer state are counted.
+  memory::install_cpu_allocator();
   run_dir_ = (std::filesystem::path(cfg_.run.dir) / cfg_.run.name).string();
   util::make_dirs(run_dir_);
   util::atomic_write_file(run_dir_ + "/config.resolved.toml", config::to_toml(cfg_));
@@ -220,18 +327,9 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   device_ = device::of(*model_);
   if (cfg_.train.channels_last) model_to_channels_last(*model_);
 
-  OptimizerOptions oo;
-  oo.name = cfg_.optim.name;
-  lr_ = scaled_lr(cfg_.optim.lr, cfg_.optim.lr_scaling, cfg_.train.batch_size, cfg_.optim.base_batch_size);
-  oo.lr = lr_;
-  oo.no_decay_lr_factor = cfg_.optim.no_decay_lr_factor;
+  const OptimizerOptions oo = optimizer_options(cfg_);
+  lr_ = oo.lr;
   group_lr_factors_ = group_lr_factors(oo);
-  oo.momentum = cfg_.optim.momentum;
-  oo.nesterov = cfg_.optim.nesterov;
-  oo.weight_decay = cfg_.optim.weight_decay;
-  oo.beta1 = cfg_.optim.beta1;
-  oo.beta2 = cfg_.optim.beta2;
-  oo.eps = cfg_.optim.eps;
   optimizer_ = make_optimizer(*model_, oo);
 
   schedule_.name = cfg_.schedule.name;
@@ -274,11 +372,10 @@ FitResult Trainer::fit(const std::string& resume) {
   const int threads = configure_threads(cfg_.run.threads);
   // CPU memory accounting (and the budget, when set) for every allocation of the run.
   memory::install_cpu_allocator();
-  if (!cfg_.memory.budget.empty()) {
-    memory::set_cpu_budget(memory::parse_cpu_budget(cfg_.memory.budget).bytes);
-  } else {
-    memory::set_cpu_budget(std::nullopt);
-  }
+  memory::set_cpu_budget(std::nullopt);
+  const std::optional<int64_t> budget =
+      cfg_.memory.budget.empty() ? std::nullopt : std::optional<int64_t>(run_budget(cfg_, device_));
+  device::set_budget(device_, budget);
   memory::reset_peak();
   device::reset_peak(device_);
   data::Loader train_loader(train_set_, loader_options(cfg_, true));
@@ -315,10 +412,7 @@ FitResult Trainer::fit(const std::string& resume) {
                lr_, cfg_.optim.lr, cfg_.optim.lr_scaling, tc.batch_size, cfg_.optim.base_batch_size,
                lr_ * cfg_.optim.no_decay_lr_factor);
   }
-  if (!cfg_.memory.budget.empty()) {
-    fmt::print("keel: memory budget {} ({})\n", cfg_.memory.budget,
-               memory::format_bytes(*memory::cpu_budget()));
-  }
+  if (budget) fmt::print("keel: memory budget {} ({}) on {}\n", cfg_.memory.budget, memory::format_bytes(*budget), device_.str());
   if (train_loader.dropped_samples() > 0) {
     fmt::print("keel: drop_last drops {} samples per epoch\n", train_loader.dropped_samples());
   }
@@ -328,30 +422,31 @@ FitResult Trainer::fit(const std::string& resume) {
              {"batch_size", tc.batch_size}, {"base_batch_size", cfg_.optim.base_batch_size},
              {"group_lr", {lr_ * group_lr_factors_.at(0), lr_ * group_lr_factors_.at(1)}}});
 
-  StepOptions so;
-  so.precision = tc.precision;
-  so.channels_last = tc.channels_last;
-  so.micro_batch = tc.micro_batch;
-  so.oom_recovery = cfg_.memory.oom_recovery;
-  so.group_lr_factors = group_lr_factors_;
-  so.label_smoothing = tc.label_smoothing;
-  so.clip_norm = tc.grad_clip_norm;
-  so.clip_value = tc.grad_clip_value;
-  so.scaler.enabled = cfg_.amp.scaler == "on" || (cfg_.amp.scaler == "auto" && tc.precision == "fp16");
-  so.scaler.init_scale = cfg_.amp.init_scale;
-  so.scaler.growth_factor = cfg_.amp.growth_factor;
-  so.scaler.backoff_factor = cfg_.amp.backoff_factor;
-  so.scaler.growth_interval = cfg_.amp.growth_interval;
-  so.guard.enabled = cfg_.guard.enabled;
-  so.guard.max_consecutive_skips = cfg_.guard.max_consecutive_skips;
-  so.guard.max_rollbacks = cfg_.guard.max_rollbacks;
-  so.guard.lr_factor = cfg_.guard.lr_factor;
-  so.guard.snapshot_every = cfg_.guard.snapshot_every;
-  so.guard.locate = cfg_.guard.locate;
-  so.guard.spike_factor = cfg_.guard.spike_factor;
-  so.inject.steps = cfg_.debug.inject_steps;
-  so.inject.where = cfg_.debug.inject_where;
-  so.inject.oom_steps = cfg_.debug.inject_oom_steps;
+  StepOptions so = step_options(cfg_);
+  int64_t eval_micro = 0;  // evaluation micro-batch (0 = whole eval batch); halves on out-of-memory
+  if (tc.micro_batch == config::kAuto && !ckpt) {
+    // The planner steps the model: afterwards weights, buffers and optimizer state are put back as
+    // they were (the same initial weights, rebuilt), and the global generator is restored.
+    auto gen = at::detail::getDefaultCPUGenerator();
+    const at::Tensor gen_state = gen.get_state();
+    const PlanResult plan = plan_for_config(cfg_, *model_, *optimizer_, shape);
+    {
+      models::NetPtr fresh = make_model(cfg_);
+      torch::NoGradGuard ng;
+      auto dst = model_->parameters(), src = fresh->parameters();
+      for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+      auto dbuf = model_->buffers(), sbuf = fresh->buffers();
+      for (size_t i = 0; i < dbuf.size(); ++i) dbuf[i].copy_(sbuf[i]);
+    }
+    model_->zero_grad(/*set_to_none=*/true);
+    optimizer_->state().clear();
+    gen.set_state(gen_state);
+    device::reset_peak(device_);
+    so.micro_batch = plan.micro_batch;
+    eval_micro = plan.eval_micro_batch;
+    fmt::print("keel: planned (train.micro_batch = \"auto\"): {}", plan.summary());
+    log.event({{"event", "batch_plan"}, {"plan", plan.to_json()}});
+  }
 
   std::unique_ptr<Ema> ema;
   if (cfg_.ema.enabled) {
@@ -396,6 +491,7 @@ FitResult Trainer::fit(const std::string& resume) {
                                     at::kByte).clone());
     if (stopper && st.contains("early_stop")) stopper->load_state(st.at("early_stop"));
     res.best_epoch = st.value("best_epoch", 0);
+    eval_micro = st.value("eval_micro_batch", int64_t{0});
     if (ema) models::load_state_dict(ema->model(), ckpt->extra.at("ema"));
     if (ckpt->extra.count("best")) best_weights = ckpt->extra.at("best");
     start_epoch = st.at("epoch");
@@ -425,6 +521,7 @@ FitResult Trainer::fit(const std::string& resume) {
     c.state["accumulators"] = {{"loss_sum", loss_sum}, {"correct", correct}, {"seen", seen}};
     c.state["train_seconds"] = train_seconds;
     c.state["best_epoch"] = res.best_epoch;
+    c.state["eval_micro_batch"] = eval_micro;
     if (stopper) c.state["early_stop"] = stopper->state();
     if (ema) c.extra["ema"] = models::state_dict_of(ema->model());
     if (!best_weights.empty()) c.extra["best"] = best_weights;
@@ -455,6 +552,21 @@ FitResult Trainer::fit(const std::string& resume) {
     m.conv_model = true;
     return monitor::diagnose(m);
   };
+
+  // Evaluation with its own micro-batch, which an out-of-memory error halves (never the training batch's).
+  auto run_eval = [&](models::Net& m) {
+    EvalResult e = evaluate(m, test_loader, aug, tc.channels_last, tc.precision, &eval_micro, cfg_.memory.oom_recovery);
+    for (const auto& note : e.notes) {
+      fmt::print("memory: {}\n", note);
+      log.event({{"event", "oom_recovery"}, {"phase", "eval"}, {"step", runner.steps()}, {"message", note}});
+    }
+    return e;
+  };
+  // debug.log_sample_ids: every training batch's dataset indices, for the sample audit.
+  std::unique_ptr<std::ofstream> ids_log;
+  if (cfg_.debug.log_sample_ids) {
+    ids_log = std::make_unique<std::ofstream>(run_dir_ + "/sample_ids.jsonl", std::ios::app);
+  }
 
   res.run_dir = run_dir_;
   bool stop = false, killed = false;
@@ -496,6 +608,15 @@ FitResult Trainer::fit(const std::string& resume) {
       timer.mark(monitor::Phase::kOther);
       StepResult r = runner.run(x, labels);
       lr = r.lr;
+      if (ids_log) {
+        const at::Tensor ids = b->ids.contiguous();
+        *ids_log << nlohmann::json{{"epoch", epoch + 1}, {"batch", b->index}, {"step", runner.steps()},
+                                   {"applied", r.applied},
+                                   {"ids", std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel())}}
+                        .dump()
+                 << "\n";
+        ids_log->flush();
+      }
       for (const auto& note : r.notes) {
         progress.message("memory: " + note);
         log.event({{"event", "oom_recovery"}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", note}});
@@ -568,7 +689,7 @@ FitResult Trainer::fit(const std::string& resume) {
     res.train_loss = seen ? loss_sum.item<double>() / seen : 0.0;
     res.train_top1 = seen ? static_cast<double>(correct.item<int64_t>()) / seen : 0.0;
 
-    res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
+    res.test = run_eval(*model_);
     const int64_t skipped = train_loader.skipped_samples() + test_loader.skipped_samples();
     if (skipped > 0) {
       progress.message(fmt::format("epoch {}: {} unreadable samples replaced ({} train, {} test; data.on_error = skip)",
@@ -602,7 +723,7 @@ FitResult Trainer::fit(const std::string& resume) {
                          est.share(static_cast<monitor::Phase>(ph)));
     }
     if (ema) {
-      EvalResult e = evaluate(ema->model(), test_loader, aug, tc.channels_last, tc.precision);
+      EvalResult e = run_eval(ema->model());
       progress.message(fmt::format("epoch {}/{} EMA: test loss {:.4f} top1 {:.2f}%", epoch + 1, epochs, e.loss,
                                    100 * e.top1));
       extra["ema_test"] = e.to_json();
@@ -650,7 +771,7 @@ FitResult Trainer::fit(const std::string& resume) {
   }
   if (stopper && cfg_.early_stop.restore_best && !best_weights.empty() && res.best_epoch != res.epochs) {
     models::load_state_dict(*model_, best_weights);
-    res.test = evaluate(*model_, test_loader, aug, tc.channels_last, tc.precision);
+    res.test = run_eval(*model_);
     fmt::print("restored the weights of epoch {}: test loss {:.4f} top1 {:.2f}%\n", res.best_epoch, res.test.loss,
                100 * res.test.top1);
   }

@@ -12,7 +12,10 @@
 #include "keel/data/dataset.h"
 #include "keel/data/loader.h"
 #include "keel/models/net.h"
+#include "keel/train/optimizer.h"
+#include "keel/train/planner.h"
 #include "keel/train/schedule.h"
+#include "keel/train/step.h"
 
 namespace torch::optim {
 class Optimizer;
@@ -25,6 +28,7 @@ struct EvalResult {
   double loss = 0, top1 = 0, top5 = 0;  // mean loss; accuracies in [0, 1]
   int64_t samples = 0;
   double seconds = 0;
+  std::vector<std::string> notes;  // out-of-memory recoveries during the pass
   nlohmann::json to_json() const;
 };
 
@@ -67,13 +71,30 @@ models::NetPtr make_model(const config::Config& cfg);
 // Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
 void model_to_channels_last(torch::nn::Module& m);
 
+// The optimizer (lr after optim.lr_scaling) and step settings a config asks for. step_options leaves
+// micro_batch 0 for train.micro_batch = "auto" (the planner resolves it).
+OptimizerOptions optimizer_options(const config::Config& c);
+StepOptions step_options(const config::Config& c);
+
 // Loader and augmentation settings of a config, for the training (shuffled) or test split.
 data::LoaderOptions loader_options(const config::Config& c, bool train);
 data::AugmentOptions augment_options(const config::Config& c);
 
-// Evaluates `model` on `loader`'s epoch 0 order; no gradients, eval mode.
+// Evaluates `model` on `loader`'s epoch 0 order; no gradients, eval mode. micro_batch (optional,
+// in/out): samples per forward (0 = the whole batch); with oom_recovery, an out-of-memory error halves
+// it and the batch is evaluated again (noted in EvalResult::notes), so evaluation never shrinks the
+// training batch.
 EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
-                    bool channels_last, const std::string& precision);
+                    bool channels_last, const std::string& precision, int64_t* micro_batch = nullptr,
+                    bool oom_recovery = false);
+
+// The bytes memory.budget grants on `dev` (the device's whole memory when it is empty).
+int64_t run_budget(const config::Config& cfg, const at::Device& dev);
+
+// Runs the batch planner (planner.h) for a config on `model` and `opt` (built from it, on the run's
+// device), with the run's step options and the image shape the loader feeds.
+PlanResult plan_for_config(const config::Config& cfg, models::Net& model, torch::optim::Optimizer& opt,
+                           const data::ImageShape& shape);
 
 class Trainer {
  public:
