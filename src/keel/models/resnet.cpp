@@ -152,12 +152,13 @@ struct StageCheckpoint : torch::autograd::Function<StageCheckpoint> {
       }
       out = stage->forward(xd);
     }
+    // Re-entrant backward through the recomputed stage: parameter gradients accumulate as usual.
+    // (The statistics are put back only after it: BatchNorm's backward checks they are unmodified.)
+    torch::autograd::backward({out}, {grad_out[0]});
     {
       torch::NoGradGuard ng;
       for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(saved[i]);
     }
-    // Re-entrant backward through the recomputed stage: parameter gradients accumulate as usual.
-    torch::autograd::backward({out}, {grad_out[0]});
     return {xd.requires_grad() ? xd.grad() : at::Tensor(), at::Tensor()};
   }
 };

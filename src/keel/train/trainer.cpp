@@ -655,6 +655,7 @@ FitResult Trainer::fit(const std::string& resume) {
         vals.emplace_back("memory_current_bytes", static_cast<double>(mem.current));
         vals.emplace_back("memory_peak_bytes", static_cast<double>(mem.peak));
         vals.emplace_back("rss_bytes", static_cast<double>(memory::process_rss_bytes()));
+        if (device_.is_cuda()) vals.emplace_back("alloc_retries", static_cast<double>(mem.alloc_retries));
         vals.emplace_back("loss_scale", runner.scaler().enabled() ? runner.scaler().scale_value() : 1.0);
         vals.emplace_back("micro_batch", static_cast<double>(runner.micro_batch() > 0 ? runner.micro_batch()
                                                                                       : tc.batch_size));
