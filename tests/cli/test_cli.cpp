@@ -104,3 +104,21 @@ TEST(Cli, DoctorReportsMachineFacts) {
   EXPECT_TRUE(j.contains("cuda"));
   EXPECT_TRUE(j["data_ok"].get<bool>()) << j["data"];
 }
+
+TEST(Cli, PlanBatchPrintsMicroBatchAccumulationAndPeak) {
+  Result r = run("plan-batch configs/default.toml --json --set memory.budget=40MiB --set train.batch_size=128");
+  ASSERT_EQ(r.code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(last_line(r.out));
+  const int64_t m = j["micro_batch"];
+  EXPECT_GT(m, 0);
+  EXPECT_LT(m, 128);
+  EXPECT_EQ(128 % m, 0);
+  EXPECT_EQ(j["accumulation_steps"].get<int64_t>() * m, 128);
+  EXPECT_LE(j["train_peak_bytes"].get<int64_t>(), j["limit_bytes"].get<int64_t>());
+  EXPECT_THAT(r.out, HasSubstr("accumulation steps: a full training step peaked at"));
+  EXPECT_THAT(r.out, HasSubstr("set train.micro_batch = " + std::to_string(m)));
+  // Nothing fits: an error that says what to change, exit code 1.
+  Result none = run("plan-batch configs/default.toml --set memory.budget=2MiB");
+  EXPECT_EQ(none.code, 1) << none.out;
+  EXPECT_THAT(none.out, HasSubstr("raise memory.budget"));
+}
