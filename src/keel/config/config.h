@@ -124,6 +124,9 @@ struct Config {
     std::string budget;        // "" = none; "3GiB", "512MiB", "0.8", "80%"
     bool oom_recovery = true;  // halve the micro-batch and replay on out-of-memory
   } memory;
+  struct Monitor {
+    bool enabled = true;  // step-time breakdown, per-window logging; false only to measure their overhead
+  } monitor;
   struct Debug {
     int64_t stop_after_steps = 0;           // simulate an interruption (0 = off)
     std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
