@@ -135,7 +135,11 @@ const char* kScript = R"JS(
     if (xmax === xmin) { xmin -= 1; xmax += 1; }
     var ylo = Math.min.apply(null, ys), yhi = Math.max.apply(null, ys);
     if (spec.zero || stacked) ylo = Math.min(0, ylo);
-    var ya = nice(ylo, yhi, 4), xa = nice(xmin, xmax, 6);
+    // Byte axes get round ticks in their binary unit (256 MiB, not 268.4 MB).
+    var unit = 1;
+    if (spec.format === 'bytes') while (Math.max(Math.abs(ylo), Math.abs(yhi)) / unit >= 1024 && unit < 1099511627776) unit *= 1024;
+    var ya = nice(ylo / unit, yhi / unit, 4), xa = nice(xmin, xmax, 6);
+    ya.lo *= unit; ya.hi *= unit; ya.ticks = ya.ticks.map(function (t) { return t * unit; });
     var sx = function (x) { return L + (x - xmin) / (xmax - xmin) * (W - L - R); };
     var sy = function (y) { return T + (ya.hi - y) / (ya.hi - ya.lo) * (H - T - B); };
     var svg = el('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': spec.title });
@@ -357,9 +361,21 @@ std::string render_report(const RunRecords& run, const nlohmann::json& environme
     card("skipped steps", cell(F, "skipped_steps", "int"));
     card("rollbacks", cell(F, "rollbacks", "int"));
     card("OOM recoveries", cell(F, "oom_recoveries", "int"));
-  } else if (!run.steps.empty()) {
-    card("last logged step", cell(run.steps.back(), "step", "int"));
-    card("last loss", cell(run.steps.back(), "loss", ""));
+  } else {
+    // No final summary (interrupted or still running): the last epoch and the last logged step.
+    if (!run.epochs.empty()) {
+      const auto& e = run.epochs.back();
+      const std::string at = " (epoch " + cell(e, "epoch", "int") + ")";
+      card("test top-1" + at, cell(e, "test_top1", "pct"));
+      card("test top-5" + at, cell(e, "test_top5", "pct"));
+      card("test loss" + at, cell(e, "test_loss", ""));
+      card("images/s" + at, cell(e, "images_per_second", "int"));
+      card("peak memory" + at, cell(e, "memory_peak_bytes", "bytes"));
+    }
+    if (!run.steps.empty()) {
+      card("last logged step", cell(run.steps.back(), "step", "int"));
+      card("last loss", cell(run.steps.back(), "loss", ""));
+    }
   }
   h << "</div>\n";
   if (!run.notes.empty()) {
