@@ -11,6 +11,7 @@ PACKAGES=(
   dataset-fashion-mnist
   python3-torch python3-torchvision python3-numpy python3-pil python3-skimage
   python3-protobuf python3-crcmod
+  chromium  # headless rendering test of `keel report`'s report.html
 )
 
 missing=()

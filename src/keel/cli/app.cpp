@@ -22,6 +22,7 @@ int main_entry(int argc, char** argv) {
   add(add_config);
   add(add_bench);
   add(add_plan_batch);
+  add(add_report);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -2,6 +2,9 @@
 #pragma once
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <nlohmann/json.hpp>
+
+#include "keel/config/config.h"
 
 namespace keel::cli {
 
@@ -13,6 +16,11 @@ Runner add_doctor(CLI::App& app);
 Runner add_config(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_plan_batch(CLI::App& app);
+Runner add_report(CLI::App& app);
+
+// `keel doctor`'s measurements of this machine (threads, BLAS and its GEMM speed, oneDNN, bf16, CUDA, data) as
+// JSON facts, with "advice" and "lines" (the report as `keel doctor` prints it). Also used by `keel report`.
+nlohmann::json doctor_report(const config::Config& cfg);
 
 // Entry point shared by main() and tests: parses argv, runs the chosen subcommand, turns
 // exceptions into "error: ..." on stderr and a non-zero exit code.

@@ -7,7 +7,9 @@
 #include "keel/config/config.h"
 #include "keel/data/loader.h"
 #include "keel/models/state_dict.h"
+#include "keel/monitor/profiler.h"
 #include "keel/train/trainer.h"
+#include "keel/util/interrupt.h"
 
 namespace keel::cli {
 namespace {
@@ -34,12 +36,34 @@ Runner add_train(CLI::App& app) {
   sub->add_option("--resume", *resume,
                   "continue a run: `auto` = newest valid checkpoint in runs/<name>/checkpoints (fresh start if "
                   "none), or a checkpoint directory");
-  return [args, resume] {
+  auto profile = std::make_shared<std::string>();
+  sub->add_option("--profile-steps", *profile,
+                  "record steps A..B (1-based, inclusive) with LibTorch's profiler: writes "
+                  "runs/<name>/profile_steps_A-B.trace.json (chrome://tracing, Perfetto) and .ops.txt (operators "
+                  "by total time)");
+  return [args, resume, profile] {
     config::Config cfg = config::load(args->config, args->sets);
+    monitor::ProfileRange range;
+    if (!profile->empty()) {
+      try {
+        range = monitor::parse_profile_steps(*profile);
+      } catch (const std::invalid_argument& e) {
+        throw config::ConfigError(e.what());
+      }
+    }
     train::Trainer trainer(cfg);
+    trainer.set_profile_steps(range);
+    util::InterruptGuard ctrl_c;  // first Ctrl-C: stop after the step with a checkpoint; second: exit now
     train::FitResult r = trainer.fit(*resume);
     if (r.interrupted) {
       if (args->json) std::cout << r.to_json().dump() << std::endl;
+      if (util::stop_requested()) {
+        std::string cmd = "keel train " + args->config;
+        for (const auto& s : args->sets) cmd += " --set " + s;
+        fmt::print("keel: interrupted; checkpoint {}\nkeel: resume with: {} --resume auto\n", r.checkpoint, cmd);
+        std::fflush(stdout);
+        return 130;  // the shell's code for a SIGINT exit
+      }
       return 0;
     }
     fmt::print("keel: test accuracy {:.2f}% (top-5 {:.2f}%), test loss {:.4f}, {} steps in {:.1f}s "

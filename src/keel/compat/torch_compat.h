@@ -7,6 +7,7 @@
 #include <torch/optim/optimizer.h>
 #include <torch/version.h>
 
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -132,5 +133,24 @@ struct CpuAllocatorBase : c10::Allocator {
   // Blocks are plain host memory: a byte copy is the clone (what Allocator::default_copy_data does).
   void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
 };
+
+// Start and duration of a profiler event (torch::autograd::profiler::KinetoEvent) in nanoseconds: 1.13 has
+// startUs()/durationUs(), 2.x startNs()/durationNs(). Detected, not guessed from the version number.
+namespace detail {
+template <class E, class = void>
+struct HasStartNs : std::false_type {};
+template <class E>
+struct HasStartNs<E, std::void_t<decltype(std::declval<const E&>().startNs())>> : std::true_type {};
+}  // namespace detail
+template <class Event>
+uint64_t profiler_event_start_ns(const Event& e) {
+  if constexpr (detail::HasStartNs<Event>::value) return e.startNs();
+  else return static_cast<uint64_t>(e.startUs()) * 1000;
+}
+template <class Event>
+uint64_t profiler_event_duration_ns(const Event& e) {
+  if constexpr (detail::HasStartNs<Event>::value) return e.durationNs();
+  else return static_cast<uint64_t>(e.durationUs()) * 1000;
+}
 
 }  // namespace keel::compat

@@ -441,6 +441,12 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Memory, bool>("memory.oom_recovery", &C::memory, &C::Memory::oom_recovery,
         "On out-of-memory in forward/backward: free the partial step, halve train.micro_batch (doubling the "
         "accumulation steps) and replay the same samples; the effective batch never changes.", "", nullptr));
+    // monitor
+    f.push_back(make_field<C::Monitor, bool>("monitor.enabled", &C::monitor, &C::Monitor::enabled,
+        "Measure the step-time breakdown every step and log a record every `train.log_every` steps (loss read-back, "
+        "throughput, utilisation, memory: metrics.jsonl, steps.csv, TensorBoard). `false` leaves all of that out "
+        "(epochs are still logged, but their breakdown, throughput and advice read 0); it exists to measure monitoring's own cost "
+        "(bench/monitor_overhead.sh).", "", nullptr));
     // debug
     f.push_back(make_field<C::Debug, int64_t>("debug.stop_after_steps", &C::debug, &C::Debug::stop_after_steps,
         "Stop the run after this many optimizer steps as if it had been killed (no final checkpoint); the "

@@ -129,6 +129,9 @@ struct Config {
     bool oom_recovery = true;  // halve the micro-batch and replay on out-of-memory
     double plan_margin = 0.1;  // the planner keeps this fraction of the budget free
   } memory;
+  struct Monitor {
+    bool enabled = true;  // step-time breakdown, per-window logging; false only to measure their overhead
+  } monitor;
   struct Debug {
     int64_t stop_after_steps = 0;           // simulate an interruption (0 = off)
     bool log_sample_ids = false;            // write <run>/sample_ids.jsonl (sample audit)

@@ -49,9 +49,13 @@ class StepTimer {
  public:
   using Clock = std::chrono::steady_clock;
 
-  void begin_step() { begin_step(Clock::now()); }
-  void mark(Phase just_ended) { mark(just_ended, Clock::now()); }
-  const StepSample& end_step(int64_t images) { return end_step(images, Clock::now()); }
+  // A disabled timer (monitor.enabled = false) reads no clock and records nothing: only to measure its cost.
+  void set_enabled(bool on) { enabled_ = on; }
+  bool enabled() const { return enabled_; }
+
+  void begin_step() { if (enabled_) begin_step(Clock::now()); }
+  void mark(Phase just_ended) { if (enabled_) mark(just_ended, Clock::now()); }
+  const StepSample& end_step(int64_t images) { return enabled_ ? end_step(images, Clock::now()) : last_; }
 
   // The same with explicit time points (tests, replaying recorded timestamps).
   void begin_step(Clock::time_point now);
@@ -70,6 +74,7 @@ class StepTimer {
   StepStats take_epoch();   // returns the epoch's aggregate and starts a new epoch (and window)
 
  private:
+  bool enabled_ = true;
   bool in_step_ = false;
   Clock::time_point begin_{};
   Clock::time_point last_mark_{};

@@ -26,6 +26,7 @@
 #include "keel/memory/oom.h"
 #include "keel/monitor/bottleneck.h"
 #include "keel/monitor/device_peak.h"
+#include "keel/monitor/profiler.h"
 #include "keel/monitor/progress.h"
 #include "keel/monitor/run_logger.h"
 #include "keel/train/early_stopping.h"
@@ -33,6 +34,7 @@
 #include "keel/train/optimizer.h"
 #include "keel/train/step.h"
 #include "keel/util/fs.h"
+#include "keel/util/interrupt.h"
 
 namespace keel::train {
 namespace {
@@ -153,7 +155,7 @@ nlohmann::json FitResult::to_json() const {
           {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
           {"best_epoch", best_epoch},  {"oom_recoveries", oom_recoveries},
           {"micro_batch", micro_batch}, {"peak_memory_bytes", peak_memory_bytes},
-          {"advice", advice},          {"interrupted", interrupted},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
+          {"advice", advice},          {"interrupted", interrupted},  {"breakdown_seconds", breakdown_seconds},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
 }
 
 int configure_threads(int64_t requested) {
@@ -458,6 +460,7 @@ FitResult Trainer::fit(const std::string& resume) {
   const double peak_lr = lr_;
   Schedule schedule(schedule_, total_steps, per_epoch, peak_lr);
   monitor::StepTimer timer;
+  timer.set_enabled(cfg_.monitor.enabled);
   StepRunner runner(*model_, *optimizer_, so, [&](int64_t s) { return peak_lr * schedule.factor(s); }, ema.get(),
                     &timer);
 
@@ -574,6 +577,18 @@ FitResult Trainer::fit(const std::string& resume) {
                              monitor::ProgressOptions().set_line_every(tc.log_every).set_out(stdout));
   device::Uploader upload(device_);
   const auto on_device = at::TensorOptions().device(device_);
+  if (profile_.enabled() && profile_.first > total_steps) {
+    throw config::ConfigError(fmt::format("--profile-steps {}:{}: the run has {} steps", profile_.first,
+                                          profile_.last, total_steps));
+  }
+  std::optional<monitor::StepProfiler> profiler;
+  if (profile_.enabled()) profiler.emplace(profile_, run_dir_);
+  auto profile_written = [&] {
+    progress.message(profiler->summary());
+    log.event({{"event", "profile"}, {"step", runner.steps()}, {"trace", profiler->written().at(0)},
+               {"ops", profiler->written().at(1)}});
+  };
+  bool user_stop = false;  // Ctrl-C
   for (int64_t epoch = start_epoch; epoch < epochs && runner.steps() < total_steps && !stop && !killed; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
@@ -593,6 +608,7 @@ FitResult Trainer::fit(const std::string& resume) {
     at::Tensor window_loss = at::zeros({}, on_device.dtype(at::kDouble)), last_norm = at::zeros({}, on_device.dtype(at::kFloat));
     double lr = 0;
     while (runner.steps() < total_steps) {
+      if (profiler) profiler->before_step(runner.steps() + 1);
       timer.begin_step();
       auto b = train_loader.next();
       timer.mark(monitor::Phase::kDataWait);
@@ -634,7 +650,7 @@ FitResult Trainer::fit(const std::string& resume) {
       seen += r.samples;
       ++window_steps;
       const int64_t step = runner.steps();
-      const bool log_now = step % tc.log_every == 0 || step == total_steps;
+      const bool log_now = cfg_.monitor.enabled && (step % tc.log_every == 0 || step == total_steps);
       monitor::ProgressStats ps;
       if (log_now) {
         // The one host read-back of the logging interval.
@@ -669,10 +685,20 @@ FitResult Trainer::fit(const std::string& resume) {
         timer.end_step(r.samples);
       }
       progress.update(step, ps);
+      if (profiler && profiler->after_step(step)) profile_written();
       const bool step_due = cfg_.checkpoint.every_steps > 0 && step % cfg_.checkpoint.every_steps == 0;
       const bool time_due = cfg_.checkpoint.every_minutes > 0 && since(last_save) >= 60.0 * cfg_.checkpoint.every_minutes;
       if ((step_due || time_due) && step < total_steps) {
         save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
+      }
+      if (util::stop_requested() && step < total_steps) {
+        // Ctrl-C: this step is done; keep it in a checkpoint unless one was just written for it.
+        if (!((step_due || time_due) && step < total_steps)) {
+          save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
+        }
+        res.checkpoint = ckpt_dir + "/" + checkpoint::dir_name_for_step(step);
+        user_stop = killed = true;
+        break;
       }
       if (cfg_.debug.stop_after_steps > 0 && step >= cfg_.debug.stop_after_steps) {
         killed = true;  // simulated kill: leave without evaluation or final checkpoint
@@ -762,12 +788,18 @@ FitResult Trainer::fit(const std::string& resume) {
     log.epoch(runner.steps(), epoch + 1, evals, extra);
     if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0);
   }
+  if (profiler && profiler->active()) {
+    profiler->finish();
+    profile_written();
+  }
   progress.finish();
   if (killed) {
     res.interrupted = true;
     res.steps = runner.steps();
     res.wall_seconds = since(t_fit);
-    fmt::print("keel: stopped after {} steps (debug.stop_after_steps)\n", res.steps);
+    fmt::print("keel: stopped after {} steps ({})\n", res.steps, user_stop ? "Ctrl-C" : "debug.stop_after_steps");
+    log.event({{"event", "interrupted"}, {"step", res.steps}, {"reason", user_stop ? "sigint" : "debug.stop_after_steps"},
+               {"checkpoint", res.checkpoint}});
     return res;
   }
   if (stopper && cfg_.early_stop.restore_best && !best_weights.empty() && res.best_epoch != res.epochs) {
@@ -790,6 +822,10 @@ FitResult Trainer::fit(const std::string& resume) {
   res.train_seconds = train_seconds;
   res.images_per_second = run_stats.images_per_second();
   res.data_wait_share = run_stats.share(monitor::Phase::kDataWait);
+  res.breakdown_seconds = nlohmann::json::object();
+  for (int ph = 0; ph < monitor::kNumPhases; ++ph)
+    res.breakdown_seconds[monitor::phase_name(static_cast<monitor::Phase>(ph))] =
+        run_stats.phase_seconds(static_cast<monitor::Phase>(ph));
   res.peak_memory_bytes = device::memory_stats(device_).peak;
 
   if (cfg_.checkpoint.save_final) {

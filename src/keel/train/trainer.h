@@ -14,6 +14,7 @@
 #include "keel/models/net.h"
 #include "keel/train/optimizer.h"
 #include "keel/train/planner.h"
+#include "keel/monitor/profiler.h"
 #include "keel/train/schedule.h"
 #include "keel/train/step.h"
 
@@ -53,7 +54,8 @@ struct FitResult {
   std::vector<std::string> advice;  // bottleneck diagnosis of the whole run
   std::vector<std::string> guard_events;
   bool early_stopped = false;
-  bool interrupted = false;      // stopped by debug.stop_after_steps
+  bool interrupted = false;      // stopped by debug.stop_after_steps or Ctrl-C (util::stop_requested())
+  nlohmann::json breakdown_seconds;  // per phase: training-step seconds summed over the run (step timer)
   int64_t best_epoch = 0;        // with early stopping: the epoch whose weights were kept
   std::optional<EvalResult> ema_test;
   nlohmann::json to_json() const;
@@ -107,6 +109,8 @@ class Trainer {
   FitResult fit(const std::string& resume = "");
 
   const std::string& run_dir() const { return run_dir_; }
+  // Records these steps with LibTorch's profiler (`keel train --profile-steps A:B`); files go to the run dir.
+  void set_profile_steps(monitor::ProfileRange r) { profile_ = r; }
   models::NetPtr model() const { return model_; }
 
  private:
@@ -119,6 +123,7 @@ class Trainer {
   ScheduleOptions schedule_;
   double lr_ = 0;                       // optim.lr after optim.lr_scaling (the resolved peak rate)
   std::vector<double> group_lr_factors_;  // per parameter group lr multiplier
+  monitor::ProfileRange profile_;         // off unless set_profile_steps()
 };
 
 }  // namespace keel::train
