@@ -21,6 +21,7 @@ int main_entry(int argc, char** argv) {
   add(add_doctor);
   add(add_config);
   add(add_bench);
+  add(add_export);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

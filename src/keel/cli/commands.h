@@ -12,6 +12,7 @@ Runner add_eval(CLI::App& app);
 Runner add_doctor(CLI::App& app);
 Runner add_config(CLI::App& app);
 Runner add_bench(CLI::App& app);
+Runner add_export(CLI::App& app);
 
 // Entry point shared by main() and tests: parses argv, runs the chosen subcommand, turns
 // exceptions into "error: ..." on stderr and a non-zero exit code.

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include <fmt/format.h>
@@ -26,6 +27,7 @@
 #include "keel/monitor/device_peak.h"
 #include "keel/monitor/progress.h"
 #include "keel/monitor/run_logger.h"
+#include "keel/train/determinism.h"
 #include "keel/train/early_stopping.h"
 #include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
@@ -58,6 +60,15 @@ models::StateDict clone_state(const models::Net& m) {
 // The value of an epoch-end metric (early_stop.monitor, schedule.plateau.monitor) from the epoch's results.
 double monitored_value(const std::string& m, const FitResult& res) {
   return m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
+}
+
+// debug.pause: at the configured step and place, announce it and wait to be killed (kill tests).
+void debug_pause(const config::Config& c, const char* where, int64_t step) {
+  if (c.debug.pause_at_step != step || c.debug.pause_where != where) return;
+  fmt::print("keel: debug pause at step {} ({}); waiting to be killed\n", step, where);
+  std::fflush(stdout);
+  std::this_thread::sleep_for(std::chrono::minutes(10));
+  throw std::runtime_error(fmt::format("debug.pause: step {} ({}): not killed within 10 minutes", step, where));
 }
 
 }  // namespace
@@ -266,12 +277,25 @@ FitResult Trainer::fit(const std::string& resume) {
     std::vector<std::string> skipped;
     if (auto p = checkpoint::find_latest_valid(ckpt_dir, &skipped)) resume_dir = *p;
     for (const auto& why : skipped) fmt::print("checkpoint: skipped {}\n", why);
+    if (resume_dir.empty() && !skipped.empty()) {
+      // Starting afresh would overwrite the run's logs and, at the next save, prune what is left.
+      throw std::runtime_error(fmt::format(
+          "--resume auto: none of the {} checkpoints in {} verifies (listed above); refusing to start from scratch "
+          "over them: move the directory away to start afresh, or name a checkpoint with --resume DIR",
+          skipped.size(), ckpt_dir));
+    }
     if (resume_dir.empty()) fmt::print("checkpoint: no valid checkpoint in {}; starting from scratch\n", ckpt_dir);
   } else if (!resume.empty()) {
     resume_dir = resume;
   }
   if (!resume_dir.empty()) ckpt = checkpoint::load(resume_dir);
-  const int threads = configure_threads(cfg_.run.threads);
+  int threads = configure_threads(cfg_.run.threads);
+  set_deterministic(cfg_.train.deterministic);
+  if (cfg_.train.deterministic && ckpt) {
+    const std::string note = keep_checkpoint_threads(ckpt->state.value("threads", int64_t{0}));
+    if (!note.empty()) fmt::print("checkpoint: {}\n", note);
+    threads = at::get_num_threads();
+  }
   // CPU memory accounting (and the budget, when set) for every allocation of the run.
   memory::install_cpu_allocator();
   if (!cfg_.memory.budget.empty()) {
@@ -379,6 +403,7 @@ FitResult Trainer::fit(const std::string& resume) {
 
   int64_t start_epoch = 0, skip_batches = 0;
   nlohmann::json resumed_acc;
+  nlohmann::json best_ckpt;  // checkpoint.keep_best: {monitor, value, step, epoch, dir} of the best so far
   double train_seconds = 0;
   FitResult res;
   if (ckpt) {
@@ -398,6 +423,7 @@ FitResult Trainer::fit(const std::string& resume) {
     res.best_epoch = st.value("best_epoch", 0);
     if (ema) models::load_state_dict(ema->model(), ckpt->extra.at("ema"));
     if (ckpt->extra.count("best")) best_weights = ckpt->extra.at("best");
+    best_ckpt = st.value("best_checkpoint", nlohmann::json());
     start_epoch = st.at("epoch");
     skip_batches = st.at("batch_in_epoch");
     resumed_acc = st.at("accumulators");
@@ -408,9 +434,11 @@ FitResult Trainer::fit(const std::string& resume) {
   }
 
   // Writes a full checkpoint of the run as it stands (epoch: 0-based current epoch; batch: consumed in it).
-  const bool checkpointing = cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0;
+  const bool checkpointing =
+      cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0 || !cfg_.checkpoint.keep_best.empty();
   auto last_save = Clock::now();
-  auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen) {
+  auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen,
+                             bool is_best = false) {
     checkpoint::CheckpointContents c;
     c.model = models::state_dict_of(*model_);
     checkpoint::capture_optimizer(c, *optimizer_);
@@ -425,6 +453,8 @@ FitResult Trainer::fit(const std::string& resume) {
     c.state["accumulators"] = {{"loss_sum", loss_sum}, {"correct", correct}, {"seen", seen}};
     c.state["train_seconds"] = train_seconds;
     c.state["best_epoch"] = res.best_epoch;
+    c.state["threads"] = at::get_num_threads();
+    if (!best_ckpt.is_null()) c.state["best_checkpoint"] = best_ckpt;
     if (stopper) c.state["early_stop"] = stopper->state();
     if (ema) c.extra["ema"] = models::state_dict_of(ema->model());
     if (!best_weights.empty()) c.extra["best"] = best_weights;
@@ -432,9 +462,18 @@ FitResult Trainer::fit(const std::string& resume) {
     c.step = runner.steps();
     c.epoch = epoch;
     c.model_name = cfg_.model.name;
-    const std::string written = checkpoint::save(ckpt_dir, c);
-    checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last);
-    log.event({{"event", "checkpoint"}, {"step", runner.steps()}, {"path", written}});
+    const int64_t step = runner.steps();
+    const std::string written = checkpoint::save(ckpt_dir, c, [&](const std::string& path) {
+      if (path.size() >= 9 && path.compare(path.size() - 9, 9, "/model.pt") == 0) {
+        debug_pause(cfg_, "checkpoint_write", step);
+      }
+    });
+    std::set<std::string> keep;
+    if (!best_ckpt.is_null()) keep.insert(best_ckpt.at("dir").get<std::string>());
+    checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last, keep);
+    nlohmann::json ev = {{"event", "checkpoint"}, {"step", step}, {"path", written}};
+    if (is_best) ev["best"] = true;
+    log.event(ev);
     last_save = Clock::now();
   };
 
@@ -552,6 +591,7 @@ FitResult Trainer::fit(const std::string& resume) {
       if ((step_due || time_due) && step < total_steps) {
         save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
       }
+      debug_pause(cfg_, "step", step);
       if (cfg_.debug.stop_after_steps > 0 && step >= cfg_.debug.stop_after_steps) {
         killed = true;  // simulated kill: leave without evaluation or final checkpoint
         break;
@@ -638,7 +678,20 @@ FitResult Trainer::fit(const std::string& resume) {
       extra["schedule"] = schedule.state();
     }
     log.epoch(runner.steps(), epoch + 1, evals, extra);
-    if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0);
+    bool new_best = false;
+    if (const std::string& m = cfg_.checkpoint.keep_best; !m.empty()) {
+      const double v = monitored_value(m, res);
+      const bool higher = cfg_.checkpoint.keep_best_mode == "max" ||
+                          (cfg_.checkpoint.keep_best_mode == "auto" && m == "test_top1");
+      const double best = best_ckpt.is_null() ? 0.0 : best_ckpt.at("value").get<double>();
+      new_best = std::isfinite(v) && (best_ckpt.is_null() || (higher ? v > best : v < best));
+      if (new_best) {
+        best_ckpt = {{"monitor", m}, {"value", v}, {"step", runner.steps()}, {"epoch", epoch + 1},
+                     {"dir", checkpoint::dir_name_for_step(runner.steps())}};
+      }
+    }
+    if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0, new_best);
+    debug_pause(cfg_, "epoch_end", runner.steps());
   }
   progress.finish();
   if (killed) {
