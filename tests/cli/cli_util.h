@@ -66,6 +66,7 @@ class KeelChild {
 
   // Reads output lines until one contains `marker` (true) or the output ends (false).
   bool wait_for(const std::string& marker) {
+    if (!out_) return false;
     char* line = nullptr;
     size_t cap = 0;
     bool found = false;
@@ -82,6 +83,7 @@ class KeelChild {
 
   // Sends SIGKILL and reaps the child; returns the wait status.
   int kill_now() {
+    if (pid_ <= 0) return -1;
     kill(pid_, SIGKILL);
     return reap();
   }
@@ -96,6 +98,7 @@ class KeelChild {
 
  private:
   int reap() {
+    if (pid_ <= 0) return -1;
     int status = 0;
     waitpid(pid_, &status, 0);
     reaped_ = true;

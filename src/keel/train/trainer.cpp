@@ -62,6 +62,23 @@ double monitored_value(const std::string& m, const FitResult& res) {
   return m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
 }
 
+// checkpoint.keep_best: whether this epoch's end beats `best` (strictly; a non-finite value never does),
+// and if so makes `best` {monitor, value, step, epoch, dir} of the checkpoint about to be written.
+bool update_best(nlohmann::json& best, const config::Config::Checkpoint& c, const FitResult& res, int64_t step,
+                 int64_t epoch) {
+  if (c.keep_best.empty()) return false;
+  const double v = monitored_value(c.keep_best, res);
+  const bool higher = c.keep_best_mode == "max" || (c.keep_best_mode == "auto" && c.keep_best == "test_top1");
+  if (!std::isfinite(v)) return false;
+  if (!best.is_null()) {
+    const double b = best.at("value").get<double>();
+    if (higher ? !(v > b) : !(v < b)) return false;
+  }
+  best = {{"monitor", c.keep_best}, {"value", v}, {"step", step}, {"epoch", epoch},
+          {"dir", checkpoint::dir_name_for_step(step)}};
+  return true;
+}
+
 // debug.pause: at the configured step and place, announce it and wait to be killed (kill tests).
 void debug_pause(const config::Config& c, const char* where, int64_t step) {
   if (c.debug.pause_at_step != step || c.debug.pause_where != where) return;
@@ -678,18 +695,7 @@ FitResult Trainer::fit(const std::string& resume) {
       extra["schedule"] = schedule.state();
     }
     log.epoch(runner.steps(), epoch + 1, evals, extra);
-    bool new_best = false;
-    if (const std::string& m = cfg_.checkpoint.keep_best; !m.empty()) {
-      const double v = monitored_value(m, res);
-      const bool higher = cfg_.checkpoint.keep_best_mode == "max" ||
-                          (cfg_.checkpoint.keep_best_mode == "auto" && m == "test_top1");
-      const double best = best_ckpt.is_null() ? 0.0 : best_ckpt.at("value").get<double>();
-      new_best = std::isfinite(v) && (best_ckpt.is_null() || (higher ? v > best : v < best));
-      if (new_best) {
-        best_ckpt = {{"monitor", m}, {"value", v}, {"step", runner.steps()}, {"epoch", epoch + 1},
-                     {"dir", checkpoint::dir_name_for_step(runner.steps())}};
-      }
-    }
+    const bool new_best = update_best(best_ckpt, cfg_.checkpoint, res, runner.steps(), epoch + 1);
     if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0, new_best);
     debug_pause(cfg_, "epoch_end", runner.steps());
   }
