@@ -146,6 +146,9 @@ TEST(Export, BadArgumentsAreErrors) {
   r = keel::test::run_keel("export " + dir + " --format onnx");
   EXPECT_NE(r.code, 0);
   EXPECT_THAT(r.out, HasSubstr("onnx"));
+  r = keel::test::run_keel("export " + dir + " --from bestt");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.out, HasSubstr("--from bestt: neither auto, final, latest, best nor a checkpoint directory"));
   // Weights that do not fit the model their config names (a resnet20 file under a resnet18 config).
   auto t = keel::test::run_keel(resnet18_run(dir, "mixed", "--set debug.stop_after_steps=1 --set checkpoint.save_final=false"));
   ASSERT_EQ(t.code, 0) << t.out;

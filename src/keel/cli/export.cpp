@@ -82,7 +82,8 @@ Source choose(const ExportArgs& a) {
     auto latest = checkpoint::find_latest_valid(ckpts, &skipped);
     for (const auto& why : skipped) std::cerr << "checkpoint: skipped " << why << "\n";
     if (!latest) {
-      throw std::runtime_error(fmt::format("{}: no final.pt and no valid step checkpoint to export{}", ckpts,
+      throw std::runtime_error(fmt::format("{}: {}no valid step checkpoint to export{}", ckpts,
+                                           a.from == "auto" ? "no final.pt and " : "",
                                            skipped.empty() ? "" : " (the invalid ones are listed above)"));
     }
     if (a.from != "best") return from_checkpoint(*latest, "newest valid checkpoint");
@@ -95,6 +96,9 @@ Source choose(const ExportArgs& a) {
     return from_checkpoint(ckpts + "/" + best.at("dir").get<std::string>(),
                            fmt::format("best checkpoint by {} = {:.6g}", best.at("monitor").get<std::string>(),
                                        best.at("value").get<double>()));
+  }
+  if (!fs::is_directory(a.from)) {
+    throw std::runtime_error("--from " + a.from + ": neither auto, final, latest, best nor a checkpoint directory");
   }
   return from_checkpoint(a.from, "checkpoint");  // a checkpoint directory
 }
