@@ -2,6 +2,7 @@
 // torchvision (fixtures by scripts/golden_images.py), DCT scaling, every bad-file case.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <cmath>
 #include <filesystem>
@@ -105,6 +106,51 @@ TEST(ImageIo, DctScalingPicksTheSmallestFactorCoveringTheCrop) {
     EXPECT_EQ(px.width, (256 + denom - 1) / denom) << min_scale;
     EXPECT_EQ(px.height, (192 + denom - 1) / denom) << min_scale;
   }
+}
+
+// A header claiming 60000 x 60000 pixels (a corrupt file or a decompression bomb) is refused before the
+// decoder allocates 10.8 GB for it (found by fuzz/fuzz_image), in JPEG and PNG; the decoder still works after.
+TEST(ImageIo, DecompressionBombIsRefusedBeforeAllocating) {
+  ImageDecoder dec;
+  Pixels px;
+  auto put16 = [](std::vector<uint8_t>& b, size_t at, uint32_t v) {
+    b[at] = static_cast<uint8_t>(v >> 8);
+    b[at + 1] = static_cast<uint8_t>(v);
+  };
+  auto jpeg = slurp(fixtures() / "gray.jpg");
+  size_t sof = 0;
+  for (size_t i = 2; i + 9 < jpeg.size() && !sof; ++i)
+    if (jpeg[i] == 0xFF && (jpeg[i + 1] == 0xC0 || jpeg[i + 1] == 0xC1 || jpeg[i + 1] == 0xC2)) sof = i;
+  ASSERT_GT(sof, 0u) << "no SOF marker in gray.jpg";
+  put16(jpeg, sof + 5, 60000);  // height
+  put16(jpeg, sof + 7, 60000);  // width
+  try {
+    dec.decode(jpeg.data(), jpeg.size(), 3, 1.0, px);
+    FAIL() << "a 60000x60000 JPEG header must be refused";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("JPEG: header claims 60000x60000 pixels"));
+    EXPECT_THAT(e.what(), HasSubstr("decompression bomb"));
+  }
+
+  auto png = slurp(fixtures() / "gray.png");
+  ASSERT_EQ(std::string(png.begin() + 12, png.begin() + 16), "IHDR");
+  for (size_t at : {16u, 20u}) {  // width, height: big-endian 32-bit
+    png[at] = 0;
+    png[at + 1] = 0;
+    put16(png, at + 2, 60000);
+  }
+  const uLong crc = crc32(crc32(0L, Z_NULL, 0), png.data() + 12, 17);  // "IHDR" + 13 data bytes
+  for (int k = 0; k < 4; ++k) png[29 + k] = static_cast<uint8_t>(crc >> (24 - 8 * k));
+  try {
+    dec.decode(png.data(), png.size(), 3, 1.0, px);
+    FAIL() << "a 60000x60000 PNG header must be refused";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("PNG: header claims 60000x60000 pixels"));
+  }
+
+  const auto good = slurp(fixtures() / "rgb.jpg");
+  dec.decode(good.data(), good.size(), 3, 1.0, px);
+  EXPECT_GT(px.width, 0);
 }
 
 TEST(ImageIo, CropBoxesFollowTorchvision) {

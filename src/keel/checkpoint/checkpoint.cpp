@@ -257,7 +257,7 @@ uint32_t file_crc32(const std::string& path) {
 
 // ---------------------------------------------------------------- save / verify / load
 
-std::string save(const std::string& checkpoints_dir, const CheckpointContents& c) {
+std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file) {
   for (const auto& [name, sd] : c.extra) check_extra_name(name);
   std::error_code ec;
   const bool existed = fs::is_directory(checkpoints_dir, ec);
@@ -273,22 +273,26 @@ std::string save(const std::string& checkpoints_dir, const CheckpointContents& c
   util::make_dirs(tmp_dir);
 
   std::vector<std::string> names;
+  auto done = [&](const std::string& name) {
+    names.push_back(name);
+    if (after_file) after_file(tmp_dir + "/" + name);
+  };
   models::write_state_dict(c.model, tmp_dir + "/" + kModel);
-  names.push_back(kModel);
+  done(kModel);
   if (!c.optimizer_bytes.empty()) {
     util::atomic_write_file(tmp_dir + "/" + kOptimizer, c.optimizer_bytes);
-    names.push_back(kOptimizer);
+    done(kOptimizer);
   }
   json extra_names = json::array();
   for (const auto& [name, sd] : c.extra) {
     models::write_state_dict(sd, tmp_dir + "/" + name + ".pt");
-    names.push_back(name + ".pt");
     extra_names.push_back(name);
+    done(name + ".pt");
   }
   util::atomic_write_file(tmp_dir + "/" + kState, c.state.dump(1) + "\n");
-  names.push_back(kState);
+  done(kState);
   util::atomic_write_file(tmp_dir + "/" + kConfig, c.config_toml);
-  names.push_back(kConfig);
+  done(kConfig);
 
   json files = json::object();
   for (const auto& name : names) {
@@ -305,6 +309,7 @@ std::string save(const std::string& checkpoints_dir, const CheckpointContents& c
                    {"extra", extra_names},
                    {"files", files}};
   util::atomic_write_file(tmp_dir + "/" + kManifest, manifest.dump(1) + "\n");
+  if (after_file) after_file(tmp_dir + "/" + kManifest);
 
   // An existing checkpoint of this step (e.g. a corrupt one a resume fell back past) is moved
   // aside so the rename can take its name; it is deleted once the new one is durable.

@@ -20,6 +20,7 @@
 // tampering (nothing here is); the size is checked as well, before the checksum.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -66,7 +67,10 @@ std::optional<int64_t> step_of_dir_name(const std::string& name_or_path);
 // Creates checkpoints_dir if needed. A stale step-XXXXXXXX.tmp/ from a killed write is removed
 // first; an existing checkpoint of the same step is replaced (moved aside, then deleted after the
 // new one is in place). Throws std::runtime_error naming the path on any failure.
-std::string save(const std::string& checkpoints_dir, const CheckpointContents& c);
+// after_file (optional) is called with each file's path once it is complete inside the temporary
+// directory (manifest.json last, before the rename): fault injection for kill tests.
+using FileHook = std::function<void(const std::string& path)>;
+std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file = {});
 
 // Checks a checkpoint directory: manifest.json present and parseable, format version known,
 // step/epoch/model_name present, the step equals the directory's, and every listed file present

@@ -23,6 +23,7 @@ int main_entry(int argc, char** argv) {
   add(add_bench);
   add(add_plan_batch);
   add(add_report);
+  add(add_export);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

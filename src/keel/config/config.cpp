@@ -261,6 +261,11 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Train, int64_t>("train.max_steps", &C::train, &C::Train::max_steps,
         "Stop after this many optimizer steps (0 = run all epochs). The schedule spans the shorter of the two.",
         ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Train, bool>("train.deterministic", &C::train, &C::Train::deterministic,
+        "Bit-for-bit reproducible runs on CPU: deterministic algorithms only (an op without one is an error "
+        "naming it), the intra-op thread count fixed for the whole run and restored from the checkpoint on "
+        "resume (a different count partitions reductions differently). Its cost is measured in "
+        "docs/checkpoints.md.", "", nullptr));
     // optim
     const std::vector<std::string> optims = {"sgd", "adamw"};
     f.push_back(make_field<C::Optim, std::string>("optim.name", &C::optim, &C::Optim::name,
@@ -473,6 +478,17 @@ const std::vector<Field>& schema() {
     f.push_back(make_field<C::Debug, std::string>("debug.inject_nonfinite.where", &C::debug, &C::Debug::inject_where,
         "What the injection makes NaN: `loss`, `grad` (the first parameter's gradient), or a module name such as "
         "`layer2.0.conv1` (its forward output).", "loss, grad or a module name", nonempty));
+    f.push_back(make_field<C::Debug, int64_t>("debug.pause.step", &C::debug, &C::Debug::pause_at_step,
+        "Fault injection for kill tests: at this optimizer step the process prints `keel: debug pause ...` and "
+        "waits (up to 10 minutes, then exits with an error) to be killed from outside; where is "
+        "`debug.pause.where`. Written `pause = {step = 7, where = \"step\"}` under [debug] (0 = off).", ">= 0",
+        int_at_least(0)));
+    const std::vector<std::string> pause_points = {"step", "epoch_end", "checkpoint_write"};
+    f.push_back(make_field<C::Debug, std::string>("debug.pause.where", &C::debug, &C::Debug::pause_where,
+        "Where `debug.pause.step` holds: `step` (after the step, its logging and any checkpoint due), "
+        "`epoch_end` (after the epoch that ends at that step has been evaluated, logged and checkpointed), "
+        "`checkpoint_write` (inside the checkpoint write of that step, after model.pt is in the temporary "
+        "directory and before the manifest and the rename).", choices_text(pause_points), one_of(pause_points)));
     // checkpoint
     f.push_back(make_field<C::Checkpoint, bool>("checkpoint.save_final", &C::checkpoint,
         &C::Checkpoint::save_final,
@@ -487,8 +503,21 @@ const std::vector<Field>& schema() {
         &C::Checkpoint::every_minutes, "Also write one when this many minutes passed since the last (0 = off).",
         ">= 0", float_in(0, kInf)));
     f.push_back(make_field<C::Checkpoint, int64_t>("checkpoint.keep_last", &C::checkpoint, &C::Checkpoint::keep_last,
-        "Keep the newest N step checkpoints; older ones are removed (the newest valid one is always kept).", ">= 1",
-        int_at_least(1)));
+        "Keep the newest N step checkpoints; older ones are removed (the newest valid one is always kept, and so "
+        "is the best one with `checkpoint.keep_best`).", ">= 1", int_at_least(1)));
+    const std::vector<std::string> best_monitors = {"", "test_loss", "test_top1", "train_loss"};
+    f.push_back(make_field<C::Checkpoint, std::string>("checkpoint.keep_best", &C::checkpoint,
+        &C::Checkpoint::keep_best,
+        "Also keep the epoch-end checkpoint with the best value of this metric (evaluated after each epoch), "
+        "whatever `keep_last` says; pruning never removes it. Setting it writes a checkpoint at each epoch end "
+        "even without `every_steps` / `every_minutes`. The best so far (value, step, directory) is in every "
+        "checkpoint's state.json and in `checkpoint` events of metrics.jsonl (\"best\": true); "
+        "`keel export RUN_DIR --from best` exports it. Empty = off.",
+        "\"\" | test_loss | test_top1 | train_loss", one_of(best_monitors)));
+    f.push_back(make_field<C::Checkpoint, std::string>("checkpoint.keep_best_mode", &C::checkpoint,
+        &C::Checkpoint::keep_best_mode,
+        "Whether lower or higher `keep_best` is better; auto = max for accuracies, min for losses. A tie keeps "
+        "the earlier checkpoint.", choices_text(modes), one_of(modes)));
     return f;
   }();
   return fields;

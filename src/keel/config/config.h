@@ -62,6 +62,7 @@ struct Config {
     double grad_clip_value = 0.0;    // 0 = off
     int64_t log_every = 50;          // steps between progress lines (and loss read-backs)
     int64_t max_steps = 0;           // stop after this many optimizer steps (0 = no limit)
+    bool deterministic = false;      // deterministic algorithms + fixed intra-op threads: bit-for-bit runs
   } train;
   struct Optim {
     std::string name = "sgd";  // sgd | adamw
@@ -138,12 +139,16 @@ struct Config {
     std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
     std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
     std::string inject_where = "loss";     // debug.inject_nonfinite.where
+    int64_t pause_at_step = 0;             // debug.pause.step: hold the process there (kill tests); 0 = off
+    std::string pause_where = "step";      // debug.pause.where: step | epoch_end | checkpoint_write
   } debug;
   struct Checkpoint {
     bool save_final = true;
     int64_t every_steps = 0;    // 0 = off
     double every_minutes = 0;   // 0 = off
     int64_t keep_last = 3;
+    std::string keep_best;              // "" (off) | test_loss | test_top1 | train_loss
+    std::string keep_best_mode = "auto";  // auto | min | max
   } checkpoint;
 };
 

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -62,6 +63,19 @@ std::string tj_reason(void* tj) { return tjGetErrorStr2(static_cast<tjhandle>(tj
   throw std::runtime_error(reason);
 }
 
+// Refuses sizes that no dataset image has but a corrupt header or a decompression bomb claims: the
+// decode would otherwise allocate width x height x channels bytes (60000^2 x 3 = 10.8 GB) before
+// reading a pixel. The limit is PIL's decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS).
+constexpr int64_t kMaxPixels = 178956970;
+void check_pixels(const char* what, int w, int h) {
+  const int64_t n = static_cast<int64_t>(w) * h;
+  if (w <= 0 || h <= 0 || n > kMaxPixels) {
+    throw std::runtime_error(std::string(what) + ": header claims " + std::to_string(w) + "x" + std::to_string(h) +
+                             " pixels; keel decodes 1 to " + std::to_string(kMaxPixels) +
+                             " (PIL's decompression-bomb limit): a corrupt header or a decompression bomb");
+  }
+}
+
 // Decodes a PNG to RGBA8 with libpng's simplified API, then keeps RGB or the luma.
 void decode_png(const uint8_t* data, size_t size, int channels, Pixels& out) {
   png_image img;
@@ -72,6 +86,11 @@ void decode_png(const uint8_t* data, size_t size, int channels, Pixels& out) {
   }
   img.format = PNG_FORMAT_RGBA;  // every colour type, bit depth and palette -> 8-bit RGBA
   const int w = static_cast<int>(img.width), h = static_cast<int>(img.height);
+  if (static_cast<int64_t>(img.width) * img.height > kMaxPixels || w <= 0 || h <= 0) {
+    png_image_free(&img);
+    check_pixels("PNG", static_cast<int>(std::min<png_uint_32>(img.width, INT32_MAX)),
+                 static_cast<int>(std::min<png_uint_32>(img.height, INT32_MAX)));
+  }
   std::vector<uint8_t> rgba(PNG_IMAGE_SIZE(img));
   if (!png_image_finish_read(&img, nullptr, rgba.data(), 0, nullptr)) {
     throw std::runtime_error(std::string("PNG decode failed: ") + img.message);
@@ -163,6 +182,7 @@ double ImageDecoder::decode(const uint8_t* data, size_t size, int channels, doub
   if (tjDecompressHeader3(tj, data, static_cast<unsigned long>(size), &w, &h, &subsamp, &colorspace) != 0) {
     tj_fail(tj_, "JPEG header: ");
   }
+  check_pixels("JPEG", w, h);
   // The smallest power-of-two factor still >= min_scale; only those the library offers.
   int num = 1, denom = 1;
   int n_factors = 0;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include <fmt/format.h>
@@ -29,6 +30,7 @@
 #include "keel/monitor/profiler.h"
 #include "keel/monitor/progress.h"
 #include "keel/monitor/run_logger.h"
+#include "keel/train/determinism.h"
 #include "keel/train/early_stopping.h"
 #include "keel/train/ema.h"
 #include "keel/train/optimizer.h"
@@ -62,6 +64,32 @@ models::StateDict clone_state(const models::Net& m) {
 // The value of an epoch-end metric (early_stop.monitor, schedule.plateau.monitor) from the epoch's results.
 double monitored_value(const std::string& m, const FitResult& res) {
   return m == "test_loss" ? res.test.loss : m == "test_top1" ? res.test.top1 : res.train_loss;
+}
+
+// checkpoint.keep_best: whether this epoch's end beats `best` (strictly; a non-finite value never does),
+// and if so makes `best` {monitor, value, step, epoch, dir} of the checkpoint about to be written.
+bool update_best(nlohmann::json& best, const config::Config::Checkpoint& c, const FitResult& res, int64_t step,
+                 int64_t epoch) {
+  if (c.keep_best.empty()) return false;
+  const double v = monitored_value(c.keep_best, res);
+  const bool higher = c.keep_best_mode == "max" || (c.keep_best_mode == "auto" && c.keep_best == "test_top1");
+  if (!std::isfinite(v)) return false;
+  if (!best.is_null()) {
+    const double b = best.at("value").get<double>();
+    if (higher ? !(v > b) : !(v < b)) return false;
+  }
+  best = {{"monitor", c.keep_best}, {"value", v}, {"step", step}, {"epoch", epoch},
+          {"dir", checkpoint::dir_name_for_step(step)}};
+  return true;
+}
+
+// debug.pause: at the configured step and place, announce it and wait to be killed (kill tests).
+void debug_pause(const config::Config& c, const char* where, int64_t step) {
+  if (c.debug.pause_at_step != step || c.debug.pause_where != where) return;
+  fmt::print("keel: debug pause at step {} ({}); waiting to be killed\n", step, where);
+  std::fflush(stdout);
+  std::this_thread::sleep_for(std::chrono::minutes(10));
+  throw std::runtime_error(fmt::format("debug.pause: step {} ({}): not killed within 10 minutes", step, where));
 }
 
 }  // namespace
@@ -366,12 +394,25 @@ FitResult Trainer::fit(const std::string& resume) {
     std::vector<std::string> skipped;
     if (auto p = checkpoint::find_latest_valid(ckpt_dir, &skipped)) resume_dir = *p;
     for (const auto& why : skipped) fmt::print("checkpoint: skipped {}\n", why);
+    if (resume_dir.empty() && !skipped.empty()) {
+      // Starting afresh would overwrite the run's logs and, at the next save, prune what is left.
+      throw std::runtime_error(fmt::format(
+          "--resume auto: none of the {} checkpoints in {} verifies (listed above); refusing to start from scratch "
+          "over them: move the directory away to start afresh, or name a checkpoint with --resume DIR",
+          skipped.size(), ckpt_dir));
+    }
     if (resume_dir.empty()) fmt::print("checkpoint: no valid checkpoint in {}; starting from scratch\n", ckpt_dir);
   } else if (!resume.empty()) {
     resume_dir = resume;
   }
   if (!resume_dir.empty()) ckpt = checkpoint::load(resume_dir);
-  const int threads = configure_threads(cfg_.run.threads);
+  int threads = configure_threads(cfg_.run.threads);
+  set_deterministic(cfg_.train.deterministic);
+  if (cfg_.train.deterministic && ckpt) {
+    const std::string note = keep_checkpoint_threads(ckpt->state.value("threads", int64_t{0}));
+    if (!note.empty()) fmt::print("checkpoint: {}\n", note);
+    threads = at::get_num_threads();
+  }
   // CPU memory accounting (and the budget, when set) for every allocation of the run.
   memory::install_cpu_allocator();
   memory::set_cpu_budget(std::nullopt);
@@ -477,6 +518,7 @@ FitResult Trainer::fit(const std::string& resume) {
 
   int64_t start_epoch = 0, skip_batches = 0;
   nlohmann::json resumed_acc;
+  nlohmann::json best_ckpt;  // checkpoint.keep_best: {monitor, value, step, epoch, dir} of the best so far
   double train_seconds = 0;
   FitResult res;
   if (ckpt) {
@@ -497,6 +539,7 @@ FitResult Trainer::fit(const std::string& resume) {
     eval_micro = st.value("eval_micro_batch", int64_t{0});
     if (ema) models::load_state_dict(ema->model(), ckpt->extra.at("ema"));
     if (ckpt->extra.count("best")) best_weights = ckpt->extra.at("best");
+    best_ckpt = st.value("best_checkpoint", nlohmann::json());
     start_epoch = st.at("epoch");
     skip_batches = st.at("batch_in_epoch");
     resumed_acc = st.at("accumulators");
@@ -507,9 +550,11 @@ FitResult Trainer::fit(const std::string& resume) {
   }
 
   // Writes a full checkpoint of the run as it stands (epoch: 0-based current epoch; batch: consumed in it).
-  const bool checkpointing = cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0;
+  const bool checkpointing =
+      cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0 || !cfg_.checkpoint.keep_best.empty();
   auto last_save = Clock::now();
-  auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen) {
+  auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen,
+                             bool is_best = false) {
     checkpoint::CheckpointContents c;
     c.model = models::state_dict_of(*model_);
     checkpoint::capture_optimizer(c, *optimizer_);
@@ -525,6 +570,8 @@ FitResult Trainer::fit(const std::string& resume) {
     c.state["train_seconds"] = train_seconds;
     c.state["best_epoch"] = res.best_epoch;
     c.state["eval_micro_batch"] = eval_micro;
+    c.state["threads"] = at::get_num_threads();
+    if (!best_ckpt.is_null()) c.state["best_checkpoint"] = best_ckpt;
     if (stopper) c.state["early_stop"] = stopper->state();
     if (ema) c.extra["ema"] = models::state_dict_of(ema->model());
     if (!best_weights.empty()) c.extra["best"] = best_weights;
@@ -532,9 +579,18 @@ FitResult Trainer::fit(const std::string& resume) {
     c.step = runner.steps();
     c.epoch = epoch;
     c.model_name = cfg_.model.name;
-    const std::string written = checkpoint::save(ckpt_dir, c);
-    checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last);
-    log.event({{"event", "checkpoint"}, {"step", runner.steps()}, {"path", written}});
+    const int64_t step = runner.steps();
+    const std::string written = checkpoint::save(ckpt_dir, c, [&](const std::string& path) {
+      if (path.size() >= 9 && path.compare(path.size() - 9, 9, "/model.pt") == 0) {
+        debug_pause(cfg_, "checkpoint_write", step);
+      }
+    });
+    std::set<std::string> keep;
+    if (!best_ckpt.is_null()) keep.insert(best_ckpt.at("dir").get<std::string>());
+    checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last, keep);
+    nlohmann::json ev = {{"event", "checkpoint"}, {"step", step}, {"path", written}};
+    if (is_best) ev["best"] = true;
+    log.event(ev);
     last_save = Clock::now();
   };
 
@@ -700,6 +756,7 @@ FitResult Trainer::fit(const std::string& resume) {
         user_stop = killed = true;
         break;
       }
+      debug_pause(cfg_, "step", step);
       if (cfg_.debug.stop_after_steps > 0 && step >= cfg_.debug.stop_after_steps) {
         killed = true;  // simulated kill: leave without evaluation or final checkpoint
         break;
@@ -786,7 +843,9 @@ FitResult Trainer::fit(const std::string& resume) {
       extra["schedule"] = schedule.state();
     }
     log.epoch(runner.steps(), epoch + 1, evals, extra);
-    if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0);
+    const bool new_best = update_best(best_ckpt, cfg_.checkpoint, res, runner.steps(), epoch + 1);
+    if (checkpointing) save_checkpoint(epoch + 1, 0, 0.0, 0, 0, new_best);
+    debug_pause(cfg_, "epoch_end", runner.steps());
   }
   if (profiler && profiler->active()) {
     profiler->finish();
