@@ -30,10 +30,24 @@ inline RunResult run_keel(const std::string& args) {
   return {WEXITSTATUS(status), out};
 }
 
+// The last non-empty line of a command's output (where --json puts its summary).
+inline std::string last_line(std::string s) {
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  return s.substr(s.rfind('\n') == std::string::npos ? 0 : s.rfind('\n') + 1);
+}
+
+// A wait status as one number: the exit code, or 128 + the signal that ended the process (as a shell).
+inline int exit_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
+
 // `keel ARGV...` as a child process whose stdout+stderr the test reads through a pipe.
 class KeelChild {
  public:
   explicit KeelChild(const std::vector<std::string>& args) {
+    // Everything the child needs is built before fork(): between fork and exec only async-signal-safe calls.
+    const std::string exe = std::string(KEEL_BINARY_DIR) + "/keel";
+    std::vector<char*> argv = {const_cast<char*>(exe.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
     int fds[2];
     if (pipe(fds) != 0) return;
     pid_ = fork();
@@ -42,10 +56,6 @@ class KeelChild {
       dup2(fds[1], 2);
       close(fds[0]);
       close(fds[1]);
-      const std::string exe = std::string(KEEL_BINARY_DIR) + "/keel";
-      std::vector<char*> argv = {const_cast<char*>(exe.c_str())};
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
       execv(exe.c_str(), argv.data());
       _exit(127);
     }
@@ -79,6 +89,11 @@ class KeelChild {
     }
     free(line);
     return found;
+  }
+
+  // Sends `sig` (e.g. SIGINT) without waiting.
+  void send(int sig) {
+    if (pid_ > 0) kill(pid_, sig);
   }
 
   // Sends SIGKILL and reaps the child; returns the wait status.

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "../test_util.h"
+#include "cli_util.h"
 #include <gmock/gmock.h>
 
 #include <array>
@@ -15,43 +16,27 @@ using testing::HasSubstr;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out;  // stdout and stderr
-};
+using keel::test::last_line;
 
-Result run(const std::string& args) {
-  const std::string cmd = std::string(KEEL_BINARY_DIR) + "/keel " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) out.append(buf.data(), n);
-  int status = pclose(p);
-  return {WEXITSTATUS(status), out};
-}
-
-std::string last_line(const std::string& s) {
-  std::string t = s;
-  while (!t.empty() && t.back() == '\n') t.pop_back();
-  return t.substr(t.rfind('\n') == std::string::npos ? 0 : t.rfind('\n') + 1);
-}
+// Runs `keel ARGS` to completion.
+keel::test::RunResult run(const std::string& args) { return keel::test::run_keel(args); }
 
 std::string tmp_dir(const std::string& name) { return keel::test::fresh_dir("cli-" + name); }
 
 }  // namespace
 
 TEST(Cli, HelpListsSubcommands) {
-  Result r = run("--help");
+  auto r = run("--help");
   EXPECT_EQ(r.code, 0);
   for (const char* s : {"train", "eval", "doctor", "config"}) EXPECT_THAT(r.out, HasSubstr(s));
   for (const char* s : {"train", "eval", "doctor"}) {
-    Result h = run(std::string(s) + " --help");
+    auto h = run(std::string(s) + " --help");
     EXPECT_EQ(h.code, 0) << s;
   }
 }
 
 TEST(Cli, BadSetIsAnErrorNamingTheKey) {
-  Result r = run("train configs/default.toml --set train.epochs=many");
+  auto r = run("train configs/default.toml --set train.epochs=many");
   EXPECT_EQ(r.code, 2);
   EXPECT_THAT(r.out, HasSubstr("--set train.epochs=many"));
   EXPECT_THAT(r.out, HasSubstr("'train.epochs' expects integer"));
@@ -66,7 +51,7 @@ TEST(Cli, UnknownKeyInFileNamesFileAndLine) {
     std::ofstream f(dir + "/bad.toml");
     f << "[train]\nepochs = 1\nbatchsize = 3\n";
   }
-  Result r = run("train " + dir + "/bad.toml");
+  auto r = run("train " + dir + "/bad.toml");
   EXPECT_EQ(r.code, 2);
   EXPECT_THAT(r.out, HasSubstr(dir + "/bad.toml:3"));
   EXPECT_THAT(r.out, HasSubstr("'train.batchsize'"));
@@ -74,7 +59,7 @@ TEST(Cli, UnknownKeyInFileNamesFileAndLine) {
 
 TEST(Cli, TrainAndEvalPrintJsonSummary) {
   const std::string dir = tmp_dir("json");
-  Result r = run("train configs/default.toml --json --set run.dir=" + dir +
+  auto r = run("train configs/default.toml --json --set run.dir=" + dir +
                  " --set run.name=tiny --set data.train_limit=256 --set data.test_limit=200"
                  " --set train.batch_size=64 --set train.epochs=1");
   ASSERT_EQ(r.code, 0) << r.out;
@@ -86,7 +71,7 @@ TEST(Cli, TrainAndEvalPrintJsonSummary) {
   const std::string ckpt = j["checkpoint"];
   EXPECT_TRUE(std::filesystem::exists(ckpt));
 
-  Result e = run("eval configs/default.toml --json --checkpoint " + ckpt + " --set data.test_limit=200");
+  auto e = run("eval configs/default.toml --json --checkpoint " + ckpt + " --set data.test_limit=200");
   ASSERT_EQ(e.code, 0) << e.out;
   nlohmann::json ej = nlohmann::json::parse(last_line(e.out));
   EXPECT_EQ(ej["samples"], 200);
@@ -94,7 +79,7 @@ TEST(Cli, TrainAndEvalPrintJsonSummary) {
 }
 
 TEST(Cli, DoctorReportsMachineFacts) {
-  Result r = run("doctor --json");
+  auto r = run("doctor --json");
   ASSERT_EQ(r.code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(last_line(r.out));
   EXPECT_GE(j["threads"].get<int>(), 1);
@@ -106,7 +91,7 @@ TEST(Cli, DoctorReportsMachineFacts) {
 }
 
 TEST(Cli, PlanBatchPrintsMicroBatchAccumulationAndPeak) {
-  Result r = run("plan-batch configs/default.toml --json --set memory.budget=40MiB --set train.batch_size=128");
+  auto r = run("plan-batch configs/default.toml --json --set memory.budget=40MiB --set train.batch_size=128");
   ASSERT_EQ(r.code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(last_line(r.out));
   const int64_t m = j["micro_batch"];
@@ -118,7 +103,7 @@ TEST(Cli, PlanBatchPrintsMicroBatchAccumulationAndPeak) {
   EXPECT_THAT(r.out, HasSubstr("accumulation steps: a full training step peaked at"));
   EXPECT_THAT(r.out, HasSubstr("set train.micro_batch = " + std::to_string(m)));
   // Nothing fits: an error that says what to change, exit code 1.
-  Result none = run("plan-batch configs/default.toml --set memory.budget=2MiB");
+  auto none = run("plan-batch configs/default.toml --set memory.budget=2MiB");
   EXPECT_EQ(none.code, 1) << none.out;
   EXPECT_THAT(none.out, HasSubstr("raise memory.budget"));
 }

@@ -32,11 +32,7 @@ std::string resnet18_run(const std::string& dir, const std::string& name, const 
          " --set train.epochs=1 --set optim.lr=0.02 --set checkpoint.every_steps=2 " + extra;
 }
 
-std::string last_line(const std::string& s) {
-  std::string t = s;
-  while (!t.empty() && t.back() == '\n') t.pop_back();
-  return t.substr(t.rfind('\n') == std::string::npos ? 0 : t.rfind('\n') + 1);
-}
+using keel::test::last_line;
 
 bool python_has_torchvision() {
   return std::system("/usr/bin/python3 -c 'import torch, torchvision' >/dev/null 2>&1") == 0;

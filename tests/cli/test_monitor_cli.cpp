@@ -19,24 +19,15 @@
 
 #include "../chromium.h"
 #include "../test_util.h"
+#include "cli_util.h"
 
 using testing::HasSubstr;
 namespace fs = std::filesystem;
 
-extern char** environ;
-
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
-
-Result run_keel(const std::string& args) {
-  int st = 0;
-  std::string out = keel::test::run_capture(std::string(KEEL_BINARY_DIR) + "/keel " + args + " 2>&1", &st);
-  return {st, out};
-}
+using keel::test::last_line;
+using keel::test::run_keel;
 
 std::string read(const std::string& path) {
   std::ifstream in(path);
@@ -45,61 +36,12 @@ std::string read(const std::string& path) {
   return ss.str();
 }
 
-std::string last_line(std::string s) {
-  while (!s.empty() && s.back() == '\n') s.pop_back();
-  return s.substr(s.rfind('\n') == std::string::npos ? 0 : s.rfind('\n') + 1);
-}
-
 // A tiny real run: 256 Fashion-MNIST images, batch 64 (4 steps), a record every step.
 std::string tiny(const std::string& dir, const std::string& name) {
   return "configs/default.toml --set run.dir=" + dir + " --set run.name=" + name +
          " --set data.train_limit=256 --set data.test_limit=200 --set train.batch_size=64 --set train.epochs=1"
          " --set train.log_every=1";
 }
-
-// A child `keel` with stdout+stderr on a pipe we read line by line.
-struct Child {
-  pid_t pid = -1;
-  FILE* out = nullptr;
-  std::string text;
-  explicit Child(const std::vector<std::string>& args) {
-    int fds[2];
-    if (pipe(fds) != 0) throw std::runtime_error("pipe");
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, fds[1], 2);
-    posix_spawn_file_actions_addclose(&fa, fds[0]);
-    std::vector<std::string> argv_s = {std::string(KEEL_BINARY_DIR) + "/keel"};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) throw std::runtime_error("spawn");
-    posix_spawn_file_actions_destroy(&fa);
-    close(fds[1]);
-    out = fdopen(fds[0], "r");
-  }
-  // Reads until a line contains `needle` (true) or the output ends (false).
-  bool wait_for(const std::string& needle) {
-    char* line = nullptr;
-    size_t cap = 0;
-    bool found = false;
-    while (!found && getline(&line, &cap, out) > 0) {
-      text += line;
-      found = std::string(line).find(needle) != std::string::npos;
-    }
-    free(line);
-    return found;
-  }
-  int finish() {  // reads the rest and returns the exit code (or 128 + signal)
-    wait_for("\x01never\x01");
-    fclose(out);
-    int st = 0;
-    waitpid(pid, &st, 0);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  }
-};
 
 std::vector<std::string> split_args(const std::string& s) {
   std::istringstream in(s);
@@ -112,9 +54,9 @@ std::vector<std::string> split_args(const std::string& s) {
 
 TEST(CliReport, RealRunReportRendersInChromium) {
   const std::string dir = keel::test::fresh_dir("cli-report");
-  Result t = run_keel("train " + tiny(dir, "r"));
+  auto t = run_keel("train " + tiny(dir, "r"));
   ASSERT_EQ(t.code, 0) << t.out;
-  Result r = run_keel("report " + dir + "/r");
+  auto r = run_keel("report " + dir + "/r");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_THAT(r.out, HasSubstr("keel: report " + dir + "/r/report.html"));
   const std::string html = read(dir + "/r/report.html");
@@ -137,14 +79,14 @@ TEST(CliReport, RealRunReportRendersInChromium) {
 }
 
 TEST(CliReport, BadRunDirIsNamed) {
-  Result r = run_keel("report /nonexistent/run");
+  auto r = run_keel("report /nonexistent/run");
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.out, HasSubstr("/nonexistent/run: no such run directory"));
 }
 
 TEST(CliProfile, ProfileStepsWritesChromeTraceAndOperatorTable) {
   const std::string dir = keel::test::fresh_dir("cli-profile");
-  Result t = run_keel("train " + tiny(dir, "p") + " --profile-steps 2:3");
+  auto t = run_keel("train " + tiny(dir, "p") + " --profile-steps 2:3");
   ASSERT_EQ(t.code, 0) << t.out;
   EXPECT_THAT(t.out, HasSubstr("profile: steps 2..3"));
   const std::string trace_path = dir + "/p/profile_steps_2-3.trace.json";
@@ -191,7 +133,7 @@ TEST(CliProfile, ProfileStepsWritesChromeTraceAndOperatorTable) {
 }
 
 TEST(CliProfile, BadProfileStepsAreErrors) {
-  Result r = run_keel("train configs/default.toml --profile-steps 3:2");
+  auto r = run_keel("train configs/default.toml --profile-steps 3:2");
   EXPECT_EQ(r.code, 2);
   EXPECT_THAT(r.out, HasSubstr("--profile-steps '3:2': B is before A"));
   r = run_keel("train configs/default.toml --profile-steps two");
@@ -209,23 +151,23 @@ TEST(CliCtrlC, SigintStopsAfterTheStepWithACheckpointAndResumeFinishes) {
   const std::string args = "configs/default.toml --set run.dir=" + dir +
                            " --set run.name=c --set data.train_limit=512 --set data.test_limit=200"
                            " --set train.batch_size=32 --set train.epochs=1 --set train.log_every=1";
-  Child child(split_args("train " + args));
-  ASSERT_TRUE(child.wait_for("step 3/16")) << child.text;
-  kill(child.pid, SIGINT);
-  const int code = child.finish();
-  EXPECT_EQ(code, 130) << child.text;
-  EXPECT_THAT(child.text, HasSubstr("Ctrl-C: stopping after this step"));
-  EXPECT_THAT(child.text, HasSubstr("--resume auto"));
+  keel::test::KeelChild child(split_args("train " + args));
+  ASSERT_TRUE(child.wait_for("step 3/16")) << child.log();
+  child.send(SIGINT);
+  const int code = keel::test::exit_code(child.finish());
+  EXPECT_EQ(code, 130) << child.log();
+  EXPECT_THAT(child.log(), HasSubstr("Ctrl-C: stopping after this step"));
+  EXPECT_THAT(child.log(), HasSubstr("--resume auto"));
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(child.text, m, std::regex("stopped after (\\d+) steps \\(Ctrl-C\\)"))) << child.text;
+  ASSERT_TRUE(std::regex_search(child.log(), m, std::regex("stopped after (\\d+) steps \\(Ctrl-C\\)"))) << child.log();
   const int stopped = std::stoi(m[1]);
   EXPECT_GE(stopped, 3);
   EXPECT_LT(stopped, 16);
   char name[32];
   std::snprintf(name, sizeof name, "step-%08d", stopped);
-  EXPECT_TRUE(fs::exists(dir + "/c/checkpoints/" + name)) << child.text;
+  EXPECT_TRUE(fs::exists(dir + "/c/checkpoints/" + name)) << child.log();
 
-  Result r = run_keel("train " + args + " --resume auto --json");
+  auto r = run_keel("train " + args + " --resume auto --json");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_THAT(r.out, HasSubstr("resumed from " + dir + "/c/checkpoints/" + name + " (step " + std::to_string(stopped)));
   const nlohmann::json j = nlohmann::json::parse(last_line(r.out));
@@ -237,14 +179,14 @@ TEST(CliCtrlC, SecondSigintExitsAtOnce) {
   const std::string dir = keel::test::fresh_dir("cli-sigint2");
   // Batches of 256: steps long enough (~0.3 s here) that the second signal lands inside the step the first
   // one lets finish. (Two signals sent back to back could merge into one pending SIGINT.)
-  Child child(split_args("train configs/default.toml --set run.dir=" + dir +
+  keel::test::KeelChild child(split_args("train configs/default.toml --set run.dir=" + dir +
                          " --set run.name=c --set data.train_limit=2560 --set data.test_limit=200"
                          " --set train.batch_size=256 --set train.epochs=1 --set train.log_every=1"));
-  ASSERT_TRUE(child.wait_for("step 1/10")) << child.text;
-  kill(child.pid, SIGINT);
-  ASSERT_TRUE(child.wait_for("Ctrl-C: stopping after this step")) << child.text;
-  kill(child.pid, SIGINT);
-  EXPECT_EQ(child.finish(), 130) << child.text;
-  EXPECT_THAT(child.text, HasSubstr("second Ctrl-C: exiting now"));
-  EXPECT_THAT(child.text, testing::Not(HasSubstr("resume with")));
+  ASSERT_TRUE(child.wait_for("step 1/10")) << child.log();
+  child.send(SIGINT);
+  ASSERT_TRUE(child.wait_for("Ctrl-C: stopping after this step")) << child.log();
+  child.send(SIGINT);
+  EXPECT_EQ(keel::test::exit_code(child.finish()), 130) << child.log();
+  EXPECT_THAT(child.log(), HasSubstr("second Ctrl-C: exiting now"));
+  EXPECT_THAT(child.log(), testing::Not(HasSubstr("resume with")));
 }
