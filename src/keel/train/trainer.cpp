@@ -325,7 +325,10 @@ PlanResult plan_for_config(const config::Config& cfg, models::Net& model, torch:
   if (cfg.ema.enabled) {
     for (const auto& p : model.parameters()) po.reserve += p.numel() * static_cast<int64_t>(p.element_size());
   }
-  return plan_batch(model, runner, po);
+  PlanResult plan = plan_batch(model, runner, po);
+  // plan_batch leaves po.budget in force; without memory.budget the run has no cap, so lift it again.
+  if (cfg.memory.budget.empty()) device::set_budget(dev, std::nullopt);
+  return plan;
 }
 
 int64_t run_budget(const config::Config& cfg, const at::Device& dev) {
