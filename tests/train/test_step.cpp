@@ -101,6 +101,18 @@ StepOptions injecting(std::vector<int64_t> steps, std::string where) {
   return o;
 }
 
+// The guard's events of one step, as "skip" or "skip,rollback", and their messages joined.
+std::string kinds(const StepResult& r) {
+  std::string k;
+  for (const auto& g : r.guard) k += (k.empty() ? "" : ",") + g.kind;
+  return k;
+}
+std::string messages(const StepResult& r) {
+  std::string m;
+  for (const auto& g : r.guard) m += g.message + "\n";
+  return m;
+}
+
 }  // namespace
 
 TEST(Guard, InjectedNaNInLossIsSkippedAndLocated) {
@@ -110,9 +122,9 @@ TEST(Guard, InjectedNaNInLossIsSkippedAndLocated) {
   auto before = f.weights();
   StepResult s = r.run(f.x, f.y);
   EXPECT_FALSE(s.applied);
-  EXPECT_EQ(s.event, "skip");
-  EXPECT_THAT(s.message, HasSubstr("step 2 (attempt 2) skipped: non-finite loss"));
-  EXPECT_THAT(s.message, HasSubstr("the loss"));
+  EXPECT_EQ(kinds(s), "skip");
+  EXPECT_THAT(messages(s), HasSubstr("step 2 (attempt 2) skipped: non-finite loss"));
+  EXPECT_THAT(messages(s), HasSubstr("the loss"));
   EXPECT_TRUE(same(before, f.weights())) << "a skipped step must not change the weights";
   EXPECT_EQ(r.steps(), 1) << "the step counter does not advance on a skip";
   EXPECT_TRUE(r.run(f.x, f.y).applied);
@@ -140,8 +152,8 @@ TEST(Guard, InjectedNaNInGradientIsLocatedInBackward) {
   auto before = f.weights();
   StepResult s = r.run(f.x, f.y);
   EXPECT_FALSE(s.applied);
-  EXPECT_THAT(s.message, HasSubstr("non-finite gradient"));
-  EXPECT_THAT(s.message, HasSubstr("backward output of 'conv1'"));
+  EXPECT_THAT(messages(s), HasSubstr("non-finite gradient"));
+  EXPECT_THAT(messages(s), HasSubstr("backward output of 'conv1'"));
   EXPECT_TRUE(same(before, f.weights()));
 }
 
@@ -150,7 +162,7 @@ TEST(Guard, InjectedNaNInModuleOutputIsLocatedByName) {
   StepRunner r(*f.model, *f.opt, injecting({1}, "layer2.0.conv1"), [](int64_t) { return 0.05; });
   StepResult s = r.run(f.x, f.y);
   EXPECT_FALSE(s.applied);
-  EXPECT_THAT(s.message, HasSubstr("forward output of 'layer2.0.conv1'"));
+  EXPECT_THAT(messages(s), HasSubstr("forward output of 'layer2.0.conv1'"));
   // BatchNorm statistics are restored after the skipped step (and its replay): all finite.
   for (auto& b : f.model->buffers()) EXPECT_TRUE(b.isfinite().all().item<bool>());
   EXPECT_TRUE(r.run(f.x, f.y).applied);
@@ -168,16 +180,16 @@ TEST(Guard, RollsBackAfterKSkipsAndStopsAfterRRollbacks) {
   EXPECT_TRUE(r.run(f.x, f.y).applied);
   auto good = f.weights();  // verified by the healthy loss of step 3, so step 3 snapshots it
   EXPECT_TRUE(r.run(f.x, f.y).applied);
-  EXPECT_EQ(r.run(f.x, f.y).event, "skip");
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
   StepResult rb = r.run(f.x, f.y);
-  EXPECT_EQ(rb.event, "rollback");
-  EXPECT_THAT(rb.message, HasSubstr("restored the state of step 2"));
+  EXPECT_EQ(kinds(rb), "skip,rollback");
+  EXPECT_THAT(messages(rb), HasSubstr("restored the state of step 2"));
   EXPECT_DOUBLE_EQ(r.lr_scale(), 0.5);
   EXPECT_TRUE(same(good, f.weights()));
-  EXPECT_EQ(r.run(f.x, f.y).event, "skip");
-  EXPECT_EQ(r.run(f.x, f.y).event, "rollback");
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip,rollback");
   EXPECT_DOUBLE_EQ(r.lr_scale(), 0.25);
-  EXPECT_EQ(r.run(f.x, f.y).event, "skip");
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
   try {
     r.run(f.x, f.y);
     FAIL() << "expected TrainingDiverged";
@@ -366,8 +378,31 @@ TEST(Guard, LossSpikeIsSkippedBeforeItTurnsNonFinite) {
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.run(f.x, f.y).applied) << i;
   StepResult s = r.run(f.x, f.y);
   EXPECT_FALSE(s.applied);
-  EXPECT_THAT(s.message, HasSubstr("loss spike"));
+  EXPECT_THAT(messages(s), HasSubstr("loss spike"));
+  // Located: the first module whose output grew > 10x between step 3's weights and the current ones.
+  EXPECT_THAT(messages(s), testing::ContainsRegex("started at: forward output of '[a-z0-9.]+' grew [0-9.e+]+x over the "
+                                                  "last good weights .*compared with the weights of step 3"));
   StepResult rb = r.run(f.x, f.y);
-  EXPECT_EQ(rb.event, "rollback");
-  EXPECT_THAT(rb.message, HasSubstr("restored the state of step 3")) << "the state before the bad update";
+  EXPECT_EQ(kinds(rb), "skip,rollback");
+  EXPECT_THAT(messages(rb), HasSubstr("restored the state of step 3")) << "the state before the bad update";
+}
+
+TEST(Locator, FirstGrowthNamesTheFirstModuleAboveTheFactorElseTheLargest) {
+  auto record = [](std::vector<std::pair<std::string, float>> outs) {
+    auto rec = std::make_unique<MagnitudeRecorder>();
+    for (auto& [m, v] : outs) rec->on_output(m, at::full({2, 3}, -v));
+    return rec;
+  };
+  auto good = record({{"conv1", 1}, {"layer1.0.conv1", 2}, {"layer1.0.conv2", 4}, {"fc", 8}});
+  auto bad = record({{"conv1", 3}, {"layer1.0.conv1", 60}, {"layer1.0.conv2", 4e3}, {"fc", 8e5}});
+  auto at10 = first_growth(*good, *bad, 10);
+  ASSERT_TRUE(at10);
+  EXPECT_EQ(at10->module, "layer1.0.conv1");
+  EXPECT_DOUBLE_EQ(at10->growth, 30);
+  EXPECT_THAT(at10->str(), HasSubstr("forward output of 'layer1.0.conv1' grew 30x over the last good weights "
+                                     "(|x| max 60, was 2)"));
+  auto most = first_growth(*good, *bad, 1e6);
+  ASSERT_TRUE(most);
+  EXPECT_EQ(most->module, "fc") << "none above the factor: the one that grew most";
+  EXPECT_FALSE(first_growth(MagnitudeRecorder{}, *bad, 10));
 }

@@ -21,6 +21,10 @@ std::pair<double, double> finite_abs_range(const at::Tensor& t) {
 }  // namespace
 
 std::string Location::str() const {
+  if (phase == "growth") {
+    return fmt::format("forward output of '{}' grew {:.3g}x over the last good weights (|x| max {:.3g}, was {:.3g})",
+                       module, growth, abs_max, good_abs_max);
+  }
   const std::string range = std::isnan(abs_min) ? "no finite values"
                                                 : fmt::format("finite |x| in [{:.3g}, {:.3g}]", abs_min, abs_max);
   return fmt::format("{} of '{}' ({})", phase == "loss" ? "loss" : phase + " output", module, range);
@@ -39,6 +43,27 @@ std::optional<Location> NonFiniteLocator::first_nonfinite() const {
     }
   }
   return std::nullopt;
+}
+
+at::Tensor MagnitudeRecorder::on_output(const std::string& module, const at::Tensor& out) {
+  records_.push_back({module, out.detach().abs().amax().to(at::kFloat)});
+  return out;
+}
+
+std::optional<Location> first_growth(const MagnitudeRecorder& good, const MagnitudeRecorder& bad, double factor) {
+  const auto& g = good.records();
+  const auto& b = bad.records();
+  std::optional<Location> most;
+  for (size_t i = 0; i < std::min(g.size(), b.size()); ++i) {
+    if (g[i].module != b[i].module) break;  // a different path through the model: stop comparing
+    const double was = g[i].abs_max.item<double>(), now = b[i].abs_max.item<double>();
+    // A module whose good output was exactly 0 has no ratio; growth from 0 counts as infinite.
+    const double growth = was > 0 ? now / was : (now > 0 ? std::numeric_limits<double>::infinity() : 1.0);
+    Location here{"growth", b[i].module, 0, now, growth, was};
+    if (growth > factor) return here;
+    if (!most || growth > most->growth) most = here;
+  }
+  return most;
 }
 
 std::optional<Location> locate_nonfinite_grad(const torch::nn::Module& model) {

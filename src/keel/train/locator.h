@@ -12,9 +12,10 @@ namespace keel::train {
 
 // Where a non-finite value first appeared.
 struct Location {
-  std::string phase;   // "forward" | "backward" | "loss"
+  std::string phase;   // "forward" | "backward" | "loss" | "growth" (a finite spike)
   std::string module;  // state-dict prefix, e.g. "layer2.1.bn2"
   double abs_min = 0, abs_max = 0;  // over the finite entries of that output (or gradient)
+  double growth = 0, good_abs_max = 0;  // "growth": abs_max / good_abs_max, and the good weights' abs-max
   std::string str() const;
 };
 
@@ -34,6 +35,25 @@ class NonFiniteLocator : public models::Watcher {
   };
   std::vector<Record> records_;
 };
+
+// Records every watched forward output's abs-max (0-dim tensors, read only by first_growth()).
+class MagnitudeRecorder : public models::Watcher {
+ public:
+  at::Tensor on_output(const std::string& module, const at::Tensor& out) override;
+  struct Record {
+    std::string module;
+    at::Tensor abs_max;  // float 0-dim
+  };
+  const std::vector<Record>& records() const { return records_; }
+
+ private:
+  std::vector<Record> records_;
+};
+
+// Where a finite divergence (a loss spike) starts: the same batch through the last good weights
+// (`good`) and the current ones (`bad`). The first module, in forward order, whose output abs-max
+// grew by more than `factor`; if none did, the one that grew most. Host sync; used after a skip.
+std::optional<Location> first_growth(const MagnitudeRecorder& good, const MagnitudeRecorder& bad, double factor);
 
 // The module whose gradients went non-finite first in the backward pass: gradients flow in
 // reverse forward order and a NaN spreads to everything upstream, so it is the LAST module in

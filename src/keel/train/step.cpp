@@ -100,6 +100,35 @@ std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
   return where;
 }
 
+std::string StepRunner::locate_spike(const at::Tensor& x) {
+  // The loss is finite, so nothing is non-finite to find: compare this batch's module outputs
+  // under the last good weights (the snapshot) and the current ones. Forward only, on the first
+  // micro-batch; parameters and BatchNorm statistics are put back afterwards.
+  if (!snapshot_) return "not located (no good state in memory)";
+  torch::NoGradGuard ng;
+  const at::Tensor xm = o_.micro_batch > 0 ? x.narrow(0, 0, std::min(o_.micro_batch, x.size(0))) : x;
+  auto params = model_.parameters();
+  auto bufs = model_.buffers();
+  std::vector<at::Tensor> current, saved;
+  for (auto& p : params) current.push_back(p.detach().clone());
+  for (auto& b : bufs) saved.push_back(b.detach().clone());
+  auto replay = [&](MagnitudeRecorder& rec) {
+    {
+      models::WatchScope scope(&rec);
+      forward_logits(model_, xm, o_.precision);
+    }
+    for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
+  };
+  MagnitudeRecorder bad, good;
+  replay(bad);
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(snapshot_->params[i]);
+  replay(good);
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(current[i]);
+  auto g = first_growth(good, bad, o_.guard.spike_factor);
+  return g ? g->str() + fmt::format(" (compared with the weights of step {})", snapshot_->step)
+           : "not located (the model has no watched modules)";
+}
+
 void StepRunner::take_snapshot() {
   Snapshot s;
   torch::NoGradGuard ng;
@@ -248,22 +277,24 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(buffer_backup_[i]);
     }
     r.applied = false;
-    r.event = "skip";
     ++consecutive_skips_;
     ++skipped_total_;
     if (!o_.guard.enabled) {
       throw TrainingDiverged(fmt::format("non-finite loss or gradient at step {} and guard.enabled = false", steps_ + 1));
     }
+    std::string message;
     if (spike) {
-      r.message = fmt::format("step {} (attempt {}) skipped: loss spike {:.4g} > {} x running mean {:.4g}",
-                              steps_ + 1, attempt, loss_value, o_.guard.spike_factor, loss_ema_);
+      message = fmt::format("step {} (attempt {}) skipped: loss spike {:.4g} > {} x running mean {:.4g}; started at: {}",
+                            steps_ + 1, attempt, loss_value, o_.guard.spike_factor, loss_ema_,
+                            o_.guard.locate ? locate_spike(x) : "not located (guard.locate = false)");
     } else {
       const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
-      r.message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
-                              attempt, std::isfinite(loss_value) ? "gradient" : "loss", where,
-                              scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
+      message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
+                            attempt, std::isfinite(loss_value) ? "gradient" : "loss", where,
+                            scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
     }
-    events_.push_back(r.message);
+    events_.push_back(message);
+    r.guard.push_back({"skip", std::move(message)});
     opt_.zero_grad();
     if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
       ++rollbacks_;
@@ -279,13 +310,14 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       restore_snapshot();
       lr_scale_ *= o_.guard.lr_factor;
       consecutive_skips_ = 0;
-      r.event = "rollback";
       loss_ema_ = snapshot_ ? snapshot_->loss_ema : 0.0;
-      r.message = fmt::format("rollback {} at step {}: {} consecutive skips; restored the state of step {}, learning "
-                              "rate x{:.3g} (now x{:.3g})",
-                              rollbacks_, steps_ + 1, o_.guard.max_consecutive_skips, snapshot_ ? snapshot_->step : 0,
-                              o_.guard.lr_factor, lr_scale_);
-      events_.push_back(r.message);
+      std::string rollback = fmt::format(
+          "rollback {} at step {}: {} consecutive skips; restored the state of step {}, learning rate x{:.3g} "
+          "(now x{:.3g})",
+          rollbacks_, steps_ + 1, o_.guard.max_consecutive_skips, snapshot_ ? snapshot_->step : 0, o_.guard.lr_factor,
+          lr_scale_);
+      events_.push_back(rollback);
+      r.guard.push_back({"rollback", std::move(rollback)});
     }
     return r;
   }

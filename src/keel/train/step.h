@@ -30,6 +30,7 @@ struct GuardOptions {
   double lr_factor = 0.5;             // learning rate multiplier applied at each rollback
   int64_t snapshot_every = 50;        // applied steps between in-memory snapshots
   bool locate = true;                 // on a skip, re-run the batch instrumented to name the module
+                                      // (for a loss spike: the first module whose output grew most)
   double spike_factor = 0.0;          // also skip a finite loss above this x its running mean (0 = off)
   int64_t spike_warmup = 20;          // applied steps before the spike check starts
 };
@@ -48,6 +49,12 @@ struct StepOptions {
   InjectOptions inject;
 };
 
+// One thing the non-finite guard did during a step (also kept in StepRunner::events()).
+struct GuardEvent {
+  std::string kind;     // "skip" | "rollback"
+  std::string message;  // human-readable: the step, the reason, where it started / what was restored
+};
+
 // What one call of StepRunner::run did. Tensors are 0-dim and not read back (no sync) unless
 // the step was skipped (the guard needs to know, which is the step's one host sync).
 struct StepResult {
@@ -57,9 +64,8 @@ struct StepResult {
   at::Tensor grad_norm;     // global gradient norm before clipping (float)
   int64_t samples = 0;
   double lr = 0;            // learning rate used (of group 0; group i uses lr x group_lr_factors[i])
-  std::string event;        // "", "skip", "rollback" — with details in `message`
+  std::vector<GuardEvent> guard;    // what the guard did, in order: a skip, then a rollback if it caused one
   std::vector<std::string> notes;  // e.g. an out-of-memory recovery during this step
-  std::string message;
 };
 
 // Thrown when the guard gives up (R rollbacks exhausted); what() is the full report.
@@ -106,6 +112,9 @@ class StepRunner {
   void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
                         at::Tensor& loss_sum, at::Tensor& correct);
   std::string locate(const at::Tensor& x, const at::Tensor& y);
+  // For a finite loss spike: the first module whose output grew by more than guard.spike_factor
+  // between the last good (snapshot) weights and the current ones, on this batch.
+  std::string locate_spike(const at::Tensor& x);
   void take_snapshot();
   void restore_snapshot();
 

@@ -705,8 +705,10 @@ FitResult Trainer::fit(const std::string& resume) {
       }
       if (!r.applied) {
         timer.end_step(r.samples);
-        progress.message("guard: " + r.message);
-        log.event({{"event", r.event}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", r.message}});
+        for (const auto& g : r.guard) {
+          progress.message("guard: " + g.message);
+          log.event({{"event", g.kind}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", g.message}});
+        }
         continue;
       }
       loss_sum += r.loss * static_cast<double>(r.samples);
