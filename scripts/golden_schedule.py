@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 # Golden learning-rate values from torch.optim.lr_scheduler (Debian's /usr/bin/python3 with python3-torch):
-# OneCycleLR, StepLR, MultiStepLR, ExponentialLR, ReduceLROnPlateau, and LinearLR warm-up chained with each.
+# OneCycleLR, LinearLR + CosineAnnealingLR (keel's warmup_cosine), StepLR, MultiStepLR, ExponentialLR, ReduceLROnPlateau, and LinearLR warm-up chained with each.
 # Prints C++ initializer lists pasted into tests/train/test_schedule.cpp. Every run uses base lr 1.0, so the
 # learning rate printed is keel's lr factor.
 import torch
@@ -18,6 +18,19 @@ def onecycle(total, pct, start, final):
     opt = sgd()
     s = S.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=pct, div_factor=1.0 / start,
                      final_div_factor=start / final, anneal_strategy="cos", cycle_momentum=False)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out
+
+
+def warmup_cosine(total, warmup, start, final):
+    """SequentialLR: LinearLR(start -> 1 over `warmup` steps), then CosineAnnealingLR(1 -> final) to the last step."""
+    opt = sgd()
+    s = S.SequentialLR(opt, [S.LinearLR(opt, start_factor=start, end_factor=1.0, total_iters=warmup),
+                             S.CosineAnnealingLR(opt, T_max=total - 1 - warmup, eta_min=final)], milestones=[warmup])
     out = []
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])
@@ -64,6 +77,8 @@ def show(name, desc, vals):
 
 
 show("kOneCycle", "OneCycleLR(total_steps=40, pct_start=0.15, start 0.04, final 0.001)", onecycle(40, 0.15, 0.04, 0.001))
+show("kWarmupCosine", "SequentialLR([LinearLR(0.05, total_iters=9), CosineAnnealingLR(T_max=30, eta_min=0.01)], milestones=[9]), 40 steps",
+     warmup_cosine(40, 9, 0.05, 0.01))
 show("kStepEpoch", "StepLR(step_size=3, gamma=0.5) per epoch, 5 steps/epoch, 12 epochs",
      per_epoch(12, 5, 0, 1.0, lambda o: S.StepLR(o, step_size=3, gamma=0.5)))
 show("kStepWarmup", "ChainedScheduler([LinearLR(0.1, total_iters=8), StepLR(step_size=10, gamma=0.5)]) per step, 40 steps",
