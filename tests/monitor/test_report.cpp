@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <regex>
 
@@ -126,6 +127,23 @@ TEST(Report, PageIsSelfContainedAndEscaped) {
   std::string stripped = std::regex_replace(html, std::regex("http://www.w3.org/2000/svg"), "");
   EXPECT_EQ(stripped.find("http://"), std::string::npos);
   EXPECT_EQ(stripped.find("https://"), std::string::npos);
+}
+
+TEST(Report, ShowsKeelTuneTrialsOfTheRunName) {
+  const std::string dir = write_recorded_run("report-tune");
+  std::filesystem::create_directories(dir + "/tune");
+  std::ofstream(dir + "/tune/tune.json") << R"J({"config":"bad.toml","tuned_config":"bad.tuned.toml",)J"
+      R"J("start_images_per_second":100.0,"best_images_per_second":250.0,"speedup":2.5,)J"
+      R"J("changes":[{"key":"train.micro_batch","value":"0","reason":"keel tune: was 8; trial 2 (memory)"}],)J"
+      R"J("trials":[{"group":"start","images_per_second":100.0,"data_wait_share":0.1,"peak_memory_bytes":1e6,)J"
+      R"J("resolved_micro_batch":8,"error":"","settings":{"workers":1}},{"group":"memory","images_per_second":0,)J"
+      R"J("error":"out of memory <at 1>","settings":{"workers":1}}]})J";
+  const std::string html = test_util::read_file(write_report(dir, fake_environment(), "here"));
+  EXPECT_THAT(html, HasSubstr("Tuning (keel tune)"));
+  EXPECT_THAT(html, HasSubstr("100.0 &rarr; 250.0 images/s (x2.50)"));
+  EXPECT_THAT(html, HasSubstr("train.micro_batch = 0 &mdash; keel tune: was 8; trial 2 (memory)"));
+  EXPECT_THAT(html, HasSubstr("out of memory &lt;at 1&gt;"));
+  EXPECT_THAT(html, HasSubstr("<td>failed</td>"));
 }
 
 TEST(Report, RendersInHeadlessChromiumWithEveryChartDrawn) {

@@ -24,6 +24,7 @@ int main_entry(int argc, char** argv) {
   add(add_plan_batch);
   add(add_report);
   add(add_export);
+  add(add_tune);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

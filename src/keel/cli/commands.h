@@ -22,6 +22,7 @@ Runner add_report(CLI::App& app);
 // JSON facts, with "advice" and "lines" (the report as `keel doctor` prints it). Also used by `keel report`.
 nlohmann::json doctor_report(const config::Config& cfg);
 Runner add_export(CLI::App& app);
+Runner add_tune(CLI::App& app);
 
 // Entry point shared by main() and tests: parses argv, runs the chosen subcommand, turns
 // exceptions into "error: ..." on stderr and a non-zero exit code.

@@ -17,12 +17,13 @@
 namespace keel::config {
 namespace {
 
-using Value = std::variant<int64_t, double, bool, std::string, std::vector<double>, std::vector<int64_t>>;
+using Value = std::variant<int64_t, double, bool, std::string, std::vector<double>, std::vector<int64_t>,
+                           std::vector<std::string>>;
 
 // One configuration key: how to read, check, write and document it.
 struct Field {
   std::string key;   // "section.name"
-  std::string type;  // "integer" | "float" | "boolean" | "string" | "float array"
+  std::string type;  // "integer" | "float" | "boolean" | "string" | "integer array" | "float array" | "string array"
   std::string doc;
   std::string range;  // human-readable constraint, e.g. ">= 1", "sgd | adamw"
   std::function<Value(const Config&)> get;
@@ -55,6 +56,11 @@ std::string to_text(const Value& v) {
       for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
       return s + "]";
     }
+    std::string operator()(const std::vector<std::string>& a) const {
+      std::string s = "[";
+      for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + (*this)(a[i]);
+      return s + "]";
+    }
     std::string operator()(const std::vector<double>& a) const {
       std::string s = "[";
       for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + fmt_double(a[i]);
@@ -80,6 +86,7 @@ Field make_field(std::string key, S Config::*sec, T S::*mem, std::string doc, st
   else if constexpr (std::is_same_v<T, bool>) f.type = "boolean";
   else if constexpr (std::is_same_v<T, std::string>) f.type = "string";
   else if constexpr (std::is_same_v<T, std::vector<int64_t>>) f.type = "integer array";
+  else if constexpr (std::is_same_v<T, std::vector<std::string>>) f.type = "string array";
   else f.type = "float array";
   f.doc = std::move(doc);
   f.range = std::move(range);
@@ -518,6 +525,29 @@ const std::vector<Field>& schema() {
         &C::Checkpoint::keep_best_mode,
         "Whether lower or higher `keep_best` is better; auto = max for accuracies, min for losses. A tie keeps "
         "the earlier checkpoint.", choices_text(modes), one_of(modes)));
+    // tune
+    const std::vector<std::string> tune_allow = {"precision"};
+    f.push_back(make_field<C::Tune, std::vector<std::string>>("tune.allow", &C::tune, &C::Tune::allow,
+        "Settings `keel tune` may change although they change the training mathematics: `precision` (bf16, fp16 "
+        "on CUDA). The global batch (train.batch_size) is never changed.", "each of " + choices_text(tune_allow),
+        [tune_allow](const std::vector<std::string>& v) {
+          for (const auto& x : v) {
+            if (std::find(tune_allow.begin(), tune_allow.end(), x) == tune_allow.end()) return "each one of " + choices_text(tune_allow);
+          }
+          return std::string();
+        }));
+    f.push_back(make_field<C::Tune, double>("tune.budget_minutes", &C::tune, &C::Tune::budget_minutes,
+        "Wall-clock budget of `keel tune` (trials and the final re-measurement); `--budget-minutes` overrides it.",
+        "> 0", [](const double& v) { return v > 0 && std::isfinite(v) ? "" : "a number > 0"; }));
+    f.push_back(make_field<C::Tune, int64_t>("tune.warmup_steps", &C::tune, &C::Tune::warmup_steps,
+        "Steps each trial runs before it is measured (start-up, allocator and oneDNN warm-up).", ">= 1",
+        int_at_least(1)));
+    f.push_back(make_field<C::Tune, int64_t>("tune.measure_steps", &C::tune, &C::Tune::measure_steps,
+        "Steps each trial is measured over after its warm-up (rounded up to a multiple of warmup_steps).", ">= 1",
+        int_at_least(1)));
+    f.push_back(make_field<C::Tune, double>("tune.min_gain", &C::tune, &C::Tune::min_gain,
+        "A trial replaces the best settings only when it is this fraction faster (measurement noise guard).",
+        "[0, 1]", float_in(0, 1)));
     return f;
   }();
   return fields;
@@ -601,6 +631,16 @@ Value convert(const Field& f, const toml::node& n, const Origin& where) {
       else throw wrong("array containing " + toml_type_name(e));
     }
     return Value(ints);
+  }
+  if (f.type == "string array") {
+    std::vector<std::string> strs;
+    const auto* a = n.as_array();
+    if (!a) throw wrong(toml_type_name(n));
+    for (const auto& e : *a) {
+      if (auto v = e.as_string()) strs.push_back(v->get());
+      else throw wrong("array containing " + toml_type_name(e));
+    }
+    return Value(strs);
   }
   // float array: a single number is accepted as a one-element array
   std::vector<double> out;

@@ -150,6 +150,13 @@ struct Config {
     std::string keep_best;              // "" (off) | test_loss | test_top1 | train_loss
     std::string keep_best_mode = "auto";  // auto | min | max
   } checkpoint;
+  struct Tune {                                // keel tune (src/keel/tune/tune.h)
+    std::vector<std::string> allow;            // settings that change the mathematics: "precision"
+    double budget_minutes = 10.0;
+    int64_t warmup_steps = 5;
+    int64_t measure_steps = 20;
+    double min_gain = 0.03;
+  } tune;
 };
 
 // Where a value came from, for error messages.

@@ -251,6 +251,14 @@ RunRecords read_run(const std::string& run_dir) {
   const std::string cfg = run_dir + "/config.resolved.toml";
   if (fs::exists(cfg)) r.config_toml = read_text(cfg);
   else r.notes.push_back(cfg + ": missing");
+  const std::string tune = run_dir + "/tune/tune.json";
+  if (fs::exists(tune)) {
+    r.tune = nlohmann::json::parse(read_text(tune), nullptr, /*allow_exceptions=*/false);
+    if (r.tune.is_discarded() || !r.tune.is_object()) {
+      r.notes.push_back(tune + ": not a JSON object, not shown");
+      r.tune = nullptr;
+    }
+  }
   if (r.steps.empty()) r.notes.push_back(path + ": no step records (train.log_every larger than the run, or monitor.enabled = false)");
   if (r.final.is_null()) r.notes.push_back(path + ": no final summary (the run was interrupted or is still running)");
   return r;
@@ -427,6 +435,34 @@ std::string render_report(const RunRecords& run, const nlohmann::json& environme
       rest.erase("step");
       h << "<tr><td class=\"l\">" << esc(e.value("event", "?")) << "</td><td>" << cell(e, "step", "int")
         << "</td><td class=\"l\">" << esc(rest.dump()) << "</td></tr>\n";
+    }
+    h << "</table>\n";
+  }
+
+  // keel tune's trials for this run name (tune/tune.json).
+  if (run.tune.is_object()) {
+    const auto& t = run.tune;
+    h << "<h2>Tuning (keel tune)</h2>\n<p id=\"tune\">" << esc(t.value("config", "")) << " &rarr; "
+      << esc(t.value("tuned_config", "")) << ": " << fmt::format("{:.1f} &rarr; {:.1f} images/s (x{:.2f})",
+                                                                    t.value("start_images_per_second", 0.0),
+                                                                    t.value("best_images_per_second", 0.0),
+                                                                    t.value("speedup", 0.0))
+      << ", re-measured in the same run.</p>\n<ul class=\"advice\">";
+    for (const auto& c : t.value("changes", nlohmann::json::array())) {
+      h << "<li>" << esc(c.value("key", "")) << " = " << esc(c.value("value", "")) << " &mdash; "
+        << esc(c.value("reason", "")) << "</li>";
+    }
+    h << "</ul>\n<table id=\"tune-trials\"><tr><th>#</th><th class=\"l\">group</th><th>images/s</th>"
+         "<th>data wait</th><th>peak memory</th><th>micro-batch</th><th class=\"l\">settings</th></tr>\n";
+    int i = 0;
+    for (const auto& x : t.value("trials", nlohmann::json::array())) {
+      const std::string err = x.value("error", "");
+      h << "<tr><td>" << ++i << "</td><td class=\"l\">" << esc(x.value("group", "")) << "</td><td>"
+        << (err.empty() ? cell(x, "images_per_second", "") : std::string("failed")) << "</td><td>"
+        << cell(x, "data_wait_share", "pct") << "</td><td>" << cell(x, "peak_memory_bytes", "bytes") << "</td><td>"
+        << cell(x, "resolved_micro_batch", "int") << "</td><td class=\"l\">"
+        << esc(x.value("settings", nlohmann::json::object()).dump() + (err.empty() ? "" : " " + err.substr(0, 200)))
+        << "</td></tr>\n";
     }
     h << "</table>\n";
   }

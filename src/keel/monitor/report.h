@@ -16,6 +16,7 @@ struct RunRecords {
   std::vector<nlohmann::json> events;  // everything else except "final"
   nlohmann::json final;                // the "final" summary, or null (run interrupted or still running)
   std::string config_toml;             // config.resolved.toml, or empty when missing
+  nlohmann::json tune;                 // tune/tune.json that `keel tune` wrote for this run name, or null
   std::vector<std::string> notes;      // what was missing or skipped while reading
 };
 
