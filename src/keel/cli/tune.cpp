@@ -28,6 +28,13 @@ std::string read_text(const std::string& path) {
   return os.str();
 }
 
+// " (input-bound, compute-bound)" or "".
+std::string rules_text(const std::vector<std::string>& rules) {
+  std::string s;
+  for (const auto& r : rules) s += (s.empty() ? " (" : ", ") + r;
+  return s.empty() ? s : s + ")";
+}
+
 }  // namespace
 
 Runner add_tune(CLI::App& app) {
@@ -84,7 +91,7 @@ Runner add_tune(CLI::App& app) {
                  t.error.empty() ? fmt::format("{:.1f} img/s, data wait {:.1f}%, peak {}, micro-batch {}{}",
                                                t.images_per_second, 100 * t.data_wait_share,
                                                memory::format_bytes(t.peak_memory_bytes), t.resolved_micro_batch,
-                                               t.rules.empty() ? "" : " (" + fmt::format("{}", fmt::join(t.rules, ", ")) + ")")
+                                               rules_text(t.rules))
                                  : "failed: " + t.error.substr(0, t.error.find('\n')));
       std::fflush(stdout);
       return t;

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <unistd.h>
@@ -254,16 +255,25 @@ SearchResult Search::run(const Settings& start) {
   while (improved && !out_of_time) {
     improved = false;
     for (const std::string& g : group_order(best_trial)) {
-      for (const Settings& c : candidates(g, best, best_trial, o_)) {
-        if (tried(c)) continue;
+      // The group's candidates are derived from the best so far: after an adoption they are derived
+      // again from the new best (the next untried one is always relative to the current best).
+      for (;;) {
+        std::optional<Settings> next;
+        for (const Settings& c : candidates(g, best, best_trial, o_)) {
+          if (!tried(c)) {
+            next = c;
+            break;
+          }
+        }
+        if (!next) break;
         if (!time_for_another()) {
           out_of_time = true;
           break;
         }
-        trials_.push_back(trial_(c, g));
+        trials_.push_back(trial_(*next, g));
         const Trial& t = trials_.back();
         if (t.error.empty() && t.images_per_second > best_trial.images_per_second * (1 + o_.min_gain)) {
-          best = c;
+          best = *next;
           best_trial = t;
           adopted.push_back(trials_.size() - 1);
           improved = true;
