@@ -4,6 +4,7 @@
 #   bad      : the default recipe made deliberately bad (1 worker, prefetch 1, fp32, micro-batch 8), budget
 #              ${BUDGET_BAD:-8} min; then the tuned file is trained to the end (test top-1 vs the default's)
 #   resnet50 : ResNet-50 at 128 px, batch 64, memory.budget 1.5GiB (synthetic data), budget ${BUDGET_R50:-15} min
+# WARMUP / MEASURE (default 5 / 20): tune.warmup_steps / measure_steps of the default and bad cases.
 # Each prints keel tune's table and speed-up (start vs tuned, re-measured alternately in the same run).
 set -u
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -16,12 +17,14 @@ for c in $cases; do
   case $c in
     default)
       sed "s|^name = \"default\"|name = \"tune-default\"\ndir = \"$out/runs\"|" "$repo/configs/default.toml" >"$out/default.toml"
+      printf '\n[tune]\nwarmup_steps = %s\nmeasure_steps = %s\n' "${WARMUP:-5}" "${MEASURE:-20}" >>"$out/default.toml"
       "$keel" tune "$out/default.toml" --budget-minutes "${BUDGET_DEFAULT:-8}" --json >"$out/default.log" 2>&1
       echo "== default: exit $?"; grep -A40 "^  #\|^ *# *group" "$out/default.log" | grep -v '^{' ;;
     bad)
       sed -e "s|^name = \"default\"|name = \"tune-bad\"\ndir = \"$out/runs\"|" \
           -e "s|^\[data\]|[data]\nworkers = 1\nprefetch = 1|" \
           -e "s|^\[train\]|[train]\nmicro_batch = 8|" "$repo/configs/default.toml" >"$out/bad.toml"
+      printf '\n[tune]\nwarmup_steps = %s\nmeasure_steps = %s\n' "${WARMUP:-5}" "${MEASURE:-20}" >>"$out/bad.toml"
       "$keel" tune "$out/bad.toml" --budget-minutes "${BUDGET_BAD:-8}" --json >"$out/bad.log" 2>&1
       echo "== bad: exit $?"; grep -A40 "^ *# *group" "$out/bad.log" | grep -v '^{'
       if [ "${TRAIN_TUNED:-1}" = 1 ]; then

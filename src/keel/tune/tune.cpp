@@ -230,13 +230,15 @@ std::vector<Settings> candidates(const std::string& group, const Settings& best,
 Search::Search(SearchOptions o, TrialFn trial, ClockFn clock)
     : o_(std::move(o)), trial_(std::move(trial)), clock_(std::move(clock)) {}
 
-bool Search::time_for_another() const {
+bool Search::time_for_another(double best_seconds) const {
   if (o_.max_trials > 0 && static_cast<int>(trials_.size()) >= o_.max_trials) return false;
   std::vector<double> secs;
   for (const auto& t : trials_) secs.push_back(t.seconds);
-  const double est = median(secs);
-  // Room for this trial and the final re-measurement (start and best, remeasure_repeats times each).
-  return clock_() + est * (1 + 2 * o_.remeasure_repeats) <= o_.budget_seconds;
+  // Room for one more trial (the median so far) and the final re-measurement: the start and the
+  // best (or this trial, should it win and be faster to run) remeasure_repeats times each.
+  const double next = median(secs);
+  const double reserve = o_.remeasure_repeats * (trials_.front().seconds + std::max(best_seconds, next));
+  return clock_() + next + reserve <= o_.budget_seconds;
 }
 
 SearchResult Search::run(const Settings& start) {
@@ -266,7 +268,7 @@ SearchResult Search::run(const Settings& start) {
           }
         }
         if (!next) break;
-        if (!time_for_another()) {
+        if (!time_for_another(best_trial.seconds)) {
           out_of_time = true;
           break;
         }

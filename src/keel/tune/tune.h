@@ -50,7 +50,7 @@ struct Trial {
 };
 
 // What the search may do and what it knows about the machine.
-struct SearchOptions {
+struct SearchOptions {  // (config: tune.*, see docs/tune.md)
   double budget_seconds = 600;
   double min_gain = 0.03;
   bool allow_precision = false;
@@ -91,7 +91,7 @@ class Search {
   SearchResult run(const Settings& start);
 
  private:
-  bool time_for_another() const;
+  bool time_for_another(double best_seconds) const;
   SearchOptions o_;
   TrialFn trial_;
   ClockFn clock_;
