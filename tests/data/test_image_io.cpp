@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <zlib.h>
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -270,6 +271,43 @@ TEST(ImageFolder, EvalCropMatchesTorchvisionResizeCenterCrop) {
     EXPECT_LE(d.mean, scaled ? 2.5 : 0.25) << name << " (max " << d.max << ")";
     EXPECT_LE(d.max, scaled ? 24 : 1) << name << " (mean " << d.mean << ")";
     std::printf("  eval crop vs torchvision, %-12s mean abs diff %.2f, max %d\n", name.c_str(), d.mean, d.max);
+  }
+}
+
+TEST(ImageFolder, TrainCropMatchesTorchvisionResizedCrop) {
+  // torchvision's resized_crop (RandomResizedCrop's crop + bilinear resize with PIL's antialiasing)
+  // on the same boxes (scripts/golden_crops.py), against keel's training path: crop decode +
+  // libswscale. Full-resolution decode: only the filters' fixed-point rounding differs. With the
+  // DCT-scaled decode the training path uses when the box is >= 2x the output, the decode itself
+  // loses detail (as in the eval test's big.jpg).
+  const std::vector<std::pair<std::string, std::vector<std::array<int, 4>>>> boxes = {
+      {"rgb.jpg", {{0, 0, 72, 96}, {10, 20, 40, 50}, {50, 70, 22, 26}, {5, 0, 16, 12}}},
+      {"cmyk.jpg", {{3, 4, 60, 80}}},
+      {"rgba.png", {{12, 30, 48, 60}}},
+      {"big.jpg", {{0, 0, 192, 256}, {40, 60, 150, 160}, {100, 200, 92, 56}}}};
+  ImageDecoder dec;
+  Pixels px;
+  std::vector<uint8_t> scratch, chw(3 * 32 * 32);
+  for (const auto& [name, list] : boxes) {
+    const auto bytes = slurp(fixtures() / name);
+    const auto expected = slurp(fixtures() / (name + ".crops.rgb"));
+    ASSERT_EQ(expected.size(), list.size() * chw.size()) << name << ": run scripts/golden_crops.py";
+    for (size_t k = 0; k < list.size(); ++k) {
+      const auto [top, left, h, w] = list[k];
+      const CropBox box{static_cast<double>(left), static_cast<double>(top), static_cast<double>(w),
+                        static_cast<double>(h)};
+      for (bool scaled : {false, true}) {
+        const double min_scale = scaled ? std::max(32.0 / w, 32.0 / h) : 1.0;
+        const CropBox local = dec.decode_crop(bytes.data(), bytes.size(), 3, min_scale, box, px);
+        const bool dct = px.image_width != (name == "big.jpg" ? 256 : 96);  // the fixtures' full widths
+        crop_resize_to_chw(px, local, 32, 32, chw.data(), scratch);
+        const Diff d = diff(to_hwc(chw, 3, 32, 32).data(), expected.data() + k * chw.size(), chw.size());
+        EXPECT_LE(d.mean, dct ? 2.5 : 0.3) << name << " box " << k << " (max " << d.max << ")";
+        EXPECT_LE(d.max, dct ? 24 : 2) << name << " box " << k << " (mean " << d.mean << ")";
+        std::printf("  train crop vs torchvision, %-9s box %zu%s: mean abs diff %.2f, max %d\n", name.c_str(), k,
+                    dct ? " (DCT-scaled decode)" : "", d.mean, d.max);
+      }
+    }
   }
 }
 
