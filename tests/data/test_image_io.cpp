@@ -302,8 +302,14 @@ TEST(ImageFolder, TrainCropMatchesTorchvisionResizedCrop) {
         const bool dct = px.image_width != (name == "big.jpg" ? 256 : 96);  // the fixtures' full widths
         crop_resize_to_chw(px, local, 32, 32, chw.data(), scratch);
         const Diff d = diff(to_hwc(chw, 3, 32, 32).data(), expected.data() + k * chw.size(), chw.size());
-        EXPECT_LE(d.mean, dct ? 2.5 : 0.3) << name << " box " << k << " (max " << d.max << ")";
-        EXPECT_LE(d.max, dct ? 24 : 2) << name << " box " << k << " (mean " << d.mean << ")";
+        // Bounds from the measured values with room for rounding. Full resolution: mean 0.07-0.25, max
+        // 1-10 grey levels, the largest maxima on the strongest shrinks (5x); stb_image_resize (float,
+        // the previous resizer) gave the same maxima on these boxes (10, 5, 6 on big.jpg 1, rgb.jpg 0,
+        // big.jpg 0), so they come from PIL's fixed-point passes, not from libswscale. DCT-scaled: the
+        // IDCT's 1/2-1/8 downscale replaces part of PIL's triangle filter; worst, big.jpg box 1 (160x150
+        // decoded at 1/4 to 40x38 for 32x32): mean 4.09, max 52.
+        EXPECT_LE(d.mean, dct ? 5.0 : 0.3) << name << " box " << k << " (max " << d.max << ")";
+        EXPECT_LE(d.max, dct ? 64 : 12) << name << " box " << k << " (mean " << d.mean << ")";
         std::printf("  train crop vs torchvision, %-9s box %zu%s: mean abs diff %.2f, max %d\n", name.c_str(), k,
                     dct ? " (DCT-scaled decode)" : "", d.mean, d.max);
       }
