@@ -6,7 +6,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config
   libtorch-dev libopenblas0-openmp
   libtomlplusplus-dev libcli11-dev libfmt-dev libspdlog-dev nlohmann-json3-dev
-  libturbojpeg0-dev libpng-dev libstb-dev zlib1g-dev
+  libturbojpeg0-dev libjpeg62-turbo-dev libpng-dev libswscale-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev
   dataset-fashion-mnist

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <zlib.h>
 
+#include <array>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -110,6 +111,52 @@ TEST(ImageIo, DctScalingPicksTheSmallestFactorCoveringTheCrop) {
 
 // A header claiming 60000 x 60000 pixels (a corrupt file or a decompression bomb) is refused before the
 // decoder allocates 10.8 GB for it (found by fuzz/fuzz_image), in JPEG and PNG; the decoder still works after.
+TEST(ImageIo, CropDecodeEqualsTheFullDecodesPixels) {
+  // decode_crop (libjpeg: only the box's rows and iMCU columns) must give the very pixels the full
+  // decode gives inside the box, for every colour type and DCT scale; PNG falls back to decode().
+  ImageDecoder dec;
+  Pixels full, part;
+  std::vector<uint8_t> scratch;
+  int checked = 0;
+  for (const char* name : {"rgb.jpg", "gray.jpg", "cmyk.jpg", "big.jpg", "rgba.png"}) {
+    const auto bytes = slurp(fixtures() / name);
+    int w = 0, h = 0;
+    dec.header(bytes.data(), bytes.size(), &w, &h);
+    for (int channels : {3, 1}) {
+      for (uint64_t seed = 0; seed < 40; ++seed) {
+        const CropBox box = random_resized_crop_box(w, h, 0.02, 1.0, 0.5, 2.0, seed * 131 + channels);
+        // Output sizes from 8 px (DCT scaling by up to 1/8 on big.jpg) to the box itself.
+        const int out = 8 << (seed % 3);
+        const double min_scale = std::max(out / box.w, out / box.h);
+        dec.decode(bytes.data(), bytes.size(), channels, min_scale, full);
+        const double fx = static_cast<double>(full.width) / w, fy = static_cast<double>(full.height) / h;
+        std::vector<uint8_t> a(channels * out * out), b(a.size());
+        crop_resize_to_chw(full, {box.x * fx, box.y * fy, box.w * fx, box.h * fy}, out, out, a.data(), scratch);
+        const CropBox local = dec.decode_crop(bytes.data(), bytes.size(), channels, min_scale, box, part);
+        EXPECT_EQ(part.image_width, full.width) << name;
+        EXPECT_EQ(part.image_height, full.height) << name;
+        crop_resize_to_chw(part, local, out, out, b.data(), scratch);
+        ASSERT_EQ(a, b) << name << " channels " << channels << " seed " << seed << " box " << box.x << "," << box.y
+                        << " " << box.w << "x" << box.h;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 5 * 2 * 40);
+  // A JPEG cut short fails even when the box lies wholly above the cut: the rows below are still
+  // entropy-decoded, so readability never depends on the crop drawn.
+  const auto jpg = slurp(fixtures() / "big.jpg");
+  const std::vector<uint8_t> cut(jpg.begin(), jpg.begin() + jpg.size() * 2 / 3);
+  try {
+    dec.decode_crop(cut.data(), cut.size(), 3, 1.0, {0, 0, 32, 16}, part);
+    ADD_FAILURE() << "truncated JPEG decoded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("JPEG decode failed"));
+  }
+  // And the decoder is fine afterwards.
+  EXPECT_NO_THROW(dec.decode_crop(jpg.data(), jpg.size(), 3, 1.0, {10, 10, 50, 40}, part));
+}
+
 TEST(ImageIo, DecompressionBombIsRefusedBeforeAllocating) {
   ImageDecoder dec;
   Pixels px;
@@ -224,6 +271,49 @@ TEST(ImageFolder, EvalCropMatchesTorchvisionResizeCenterCrop) {
     EXPECT_LE(d.mean, scaled ? 2.5 : 0.25) << name << " (max " << d.max << ")";
     EXPECT_LE(d.max, scaled ? 24 : 1) << name << " (mean " << d.mean << ")";
     std::printf("  eval crop vs torchvision, %-12s mean abs diff %.2f, max %d\n", name.c_str(), d.mean, d.max);
+  }
+}
+
+TEST(ImageFolder, TrainCropMatchesTorchvisionResizedCrop) {
+  // torchvision's resized_crop (RandomResizedCrop's crop + bilinear resize with PIL's antialiasing)
+  // on the same boxes (scripts/golden_crops.py), against keel's training path: crop decode +
+  // libswscale. Full-resolution decode: only the filters' fixed-point rounding differs. With the
+  // DCT-scaled decode the training path uses when the box is >= 2x the output, the decode itself
+  // loses detail (as in the eval test's big.jpg).
+  const std::vector<std::pair<std::string, std::vector<std::array<int, 4>>>> boxes = {
+      {"rgb.jpg", {{0, 0, 72, 96}, {10, 20, 40, 50}, {50, 70, 22, 26}, {5, 0, 16, 12}}},
+      {"cmyk.jpg", {{3, 4, 60, 80}}},
+      {"rgba.png", {{12, 30, 48, 60}}},
+      {"big.jpg", {{0, 0, 192, 256}, {40, 60, 150, 160}, {100, 200, 92, 56}}}};
+  ImageDecoder dec;
+  Pixels px;
+  std::vector<uint8_t> scratch, chw(3 * 32 * 32);
+  for (const auto& [name, list] : boxes) {
+    const auto bytes = slurp(fixtures() / name);
+    const auto expected = slurp(fixtures() / (name + ".crops.rgb"));
+    ASSERT_EQ(expected.size(), list.size() * chw.size()) << name << ": run scripts/golden_crops.py";
+    for (size_t k = 0; k < list.size(); ++k) {
+      const auto [top, left, h, w] = list[k];
+      const CropBox box{static_cast<double>(left), static_cast<double>(top), static_cast<double>(w),
+                        static_cast<double>(h)};
+      for (bool scaled : {false, true}) {
+        const double min_scale = scaled ? std::max(32.0 / w, 32.0 / h) : 1.0;
+        const CropBox local = dec.decode_crop(bytes.data(), bytes.size(), 3, min_scale, box, px);
+        const bool dct = px.image_width != (name == "big.jpg" ? 256 : 96);  // the fixtures' full widths
+        crop_resize_to_chw(px, local, 32, 32, chw.data(), scratch);
+        const Diff d = diff(to_hwc(chw, 3, 32, 32).data(), expected.data() + k * chw.size(), chw.size());
+        // Bounds from the measured values with room for rounding. Full resolution: mean 0.07-0.25, max
+        // 1-10 grey levels, the largest maxima on the strongest shrinks (5x); stb_image_resize (float,
+        // the previous resizer) gave the same maxima on these boxes (10, 5, 6 on big.jpg 1, rgb.jpg 0,
+        // big.jpg 0), so they come from PIL's fixed-point passes, not from libswscale. DCT-scaled: the
+        // IDCT's 1/2-1/8 downscale replaces part of PIL's triangle filter; worst, big.jpg box 1 (160x150
+        // decoded at 1/4 to 40x38 for 32x32): mean 4.09, max 52.
+        EXPECT_LE(d.mean, dct ? 5.0 : 0.3) << name << " box " << k << " (max " << d.max << ")";
+        EXPECT_LE(d.max, dct ? 64 : 12) << name << " box " << k << " (mean " << d.mean << ")";
+        std::printf("  train crop vs torchvision, %-9s box %zu%s: mean abs diff %.2f, max %d\n", name.c_str(), k,
+                    dct ? " (DCT-scaled decode)" : "", d.mean, d.max);
+      }
+    }
   }
 }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <numeric>
 #include <set>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "data_test_util.h"
@@ -264,6 +266,39 @@ TEST(Loader, StopMidEpochAndDestroyWithoutConsumingDoNotHang) {
         Loader never_started(fast, LoaderOptions());
       },
       60, "stop/destroy mid-epoch");
+}
+
+TEST(Loader, LoaderOnlyRateCountsAssemblyTimeNotTheConsumer) {
+  // Each sample sleeps 1, 2 or 3 ms (mean 2 ms): two workers cannot assemble more than
+  // 2 / 2 ms = 1000 samples/s (a sleep never ends early), whatever the machine. The consumer
+  // sleeps 40 ms per batch of 4 (at most 100 samples/s), which must not pull the figure down
+  // to the consumer's pace: the workers' waits for queue space are not counted.
+  auto ds = std::make_shared<FakeDataset>(48, -1, 1000);
+  Loader loader(ds, LoaderOptions().batch_size(4).workers(2).prefetch(1));
+  EXPECT_EQ(loader.loader_images_per_second(), 0.0) << "nothing assembled yet";
+  for (int64_t epoch : {0, 1}) {
+    loader.start_epoch(epoch);
+    const auto t0 = std::chrono::steady_clock::now();
+    int64_t seen = 0;
+    while (auto b = loader.next()) {
+      seen += b->images.size(0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(40));
+    }
+    const double consumer_rate =
+        seen / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_EQ(loader.loaded_samples(), 48) << "epoch " << epoch << ": counts restart each epoch";
+    const double rate = loader.loader_images_per_second();
+    EXPECT_LE(rate, 2 / 2e-3 * 1.001) << "epoch " << epoch;
+    EXPECT_GT(rate, 2 * consumer_rate) << "epoch " << epoch << ": the consumer's pace leaked into the loader's rate";
+  }
+  // workers = 0: the calling thread assembles; the rate is its own (<= 1 / 2 ms).
+  Loader inline_loader(ds, LoaderOptions().batch_size(4).workers(0));
+  inline_loader.start_epoch(0);
+  while (inline_loader.next()) {
+  }
+  EXPECT_EQ(inline_loader.loaded_samples(), 48);
+  EXPECT_GT(inline_loader.loader_images_per_second(), 0.0);
+  EXPECT_LE(inline_loader.loader_images_per_second(), 1 / 2e-3 * 1.001);
 }
 
 TEST(Loader, RejectsBadOptionsAndMisuse) {

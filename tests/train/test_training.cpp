@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "keel/config/config.h"
@@ -151,4 +152,33 @@ TEST(Training, TrainsAFewStepsOnATinyImageFolder) {
   ss << in.rdbuf();
   EXPECT_NE(ss.str().find("data_wait"), std::string::npos) << ss.str().substr(0, 400);
   EXPECT_NE(ss.str().find("\"data_skipped_train\":0"), std::string::npos) << ss.str().substr(0, 400);
+}
+
+TEST(Training, DeviceAugmentationWithSoftTargetsAndLoaderRateInTheMetrics) {
+  // Random-resized crop, Mixup and CutMix on the training device (soft targets through the step's
+  // cross-entropy), on a synthetic dataset; every epoch record carries the loader-only rate.
+  const std::string dir = tmp_dir("device-augment-train");
+  keel::config::Config cfg = keel::config::parse("", "test", {
+      "run.dir=\"" + dir + "\"", "run.name=mix", "data.dataset=synthetic", "data.image_size=16",
+      "data.synthetic_samples=64", "data.workers=2", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
+      "model.in_channels=3", "model.num_classes=10", "train.batch_size=16", "train.eval_batch_size=16",
+      "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false", "augment.random_resized_crop=true",
+      "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "train.label_smoothing=0.1"});
+  keel::train::Trainer t(cfg);
+  keel::train::FitResult r = t.fit();
+  EXPECT_EQ(r.steps, 8);  // 64 samples / batch 16 x 2 epochs
+  EXPECT_TRUE(std::isfinite(r.train_loss));
+  EXPECT_GE(r.train_top1, 0.0);
+  EXPECT_LE(r.train_top1, 1.0);
+  std::ifstream in(dir + "/mix/metrics.jsonl");
+  std::string line;
+  int epochs = 0;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("event", "") != "epoch") continue;
+    ++epochs;
+    ASSERT_TRUE(j.contains("loader_images_per_second")) << line.substr(0, 400);
+    EXPECT_GT(j["loader_images_per_second"].get<double>(), 0.0);
+  }
+  EXPECT_EQ(epochs, 2);
 }

@@ -216,6 +216,25 @@ const std::vector<Field>& schema() {
         "with its path, counts it, and replaces it by the next readable sample of the epoch order (the epoch "
         "keeps its size; the epoch summary reports the count); `fail` stops the run with the path and the "
         "decoder's reason.", choices_text(on_error), one_of(on_error)));
+    // augment
+    f.push_back(make_field<C::Augment, bool>("augment.random_resized_crop", &C::augment,
+        &C::Augment::random_resized_crop,
+        "Random-resized crop on the training device, batched: each sample gets its own torchvision "
+        "RandomResizedCrop box (`data.rrc_scale`, `data.rrc_ratio`) resampled back to its own size with "
+        "antialiased bilinear filtering. For uniform-size datasets (CIFAR, MNIST, synthetic); `image_folder` "
+        "crops in the loader workers instead.", "", nullptr));
+    auto non_negative = [](const double& v) { return (std::isfinite(v) && v >= 0) ? "" : "a finite number >= 0"; };
+    f.push_back(make_field<C::Augment, double>("augment.mixup_alpha", &C::augment, &C::Augment::mixup_alpha,
+        "Mixup: a mixed batch is lambda x batch + (1 - lambda) x the batch rolled by one sample, with the "
+        "one-hot targets mixed alike (soft-target cross-entropy), lambda ~ Beta(alpha, alpha). 0 = off.", ">= 0",
+        non_negative));
+    f.push_back(make_field<C::Augment, double>("augment.cutmix_alpha", &C::augment, &C::Augment::cutmix_alpha,
+        "CutMix: a box of the batch rolled by one sample is pasted into every sample (sides sqrt(1 - lambda) of "
+        "the image's, centre uniform), targets mixed by the kept area, lambda ~ Beta(alpha, alpha). 0 = off. "
+        "With both alphas > 0, each mixed batch is CutMix or Mixup with probability 1/2.", ">= 0", non_negative));
+    f.push_back(make_field<C::Augment, double>("augment.mix_prob", &C::augment, &C::Augment::mix_prob,
+        "Probability that a training batch is mixed (Mixup or CutMix) when an alpha is > 0.", "[0, 1]",
+        float_in(0, 1)));
     // model
     f.push_back(make_field<C::Model, std::string>("model.name", &C::model, &C::Model::name,
         "Registered model: resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50/101/152 (torchvision layout).",
@@ -723,6 +742,11 @@ void validate(const Config& c, const std::string& file) {
   if (c.data.eval_resize != 0 && c.data.eval_resize < c.data.image_size) {
     throw ConfigError(where + ": key 'data.eval_resize' = " + std::to_string(c.data.eval_resize) +
                       " must be 0 or >= data.image_size = " + std::to_string(c.data.image_size));
+  }
+  if (c.augment.random_resized_crop && c.data.dataset == "image_folder") {
+    throw ConfigError(where + ": key 'augment.random_resized_crop' = true with data.dataset = \"image_folder\": the "
+                      "loader workers already take a random-resized crop of every image (data.rrc_scale, "
+                      "data.rrc_ratio); set augment.random_resized_crop = false");
   }
   if (c.data.dataset == "image_folder" && c.model.in_channels != 1 && c.model.in_channels != 3) {
     throw ConfigError(where + ": data.dataset = \"image_folder\" decodes to 1 (gray) or 3 (RGB) channels, but "

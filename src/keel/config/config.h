@@ -43,6 +43,12 @@ struct Config {
     int64_t synthetic_samples = 10000;  // synthetic: training samples (test split: a tenth)
     std::string on_error = "skip";    // skip | fail: unreadable samples
   } data;
+  struct Augment {  // batched on the training device (data/augment.h)
+    bool random_resized_crop = false;  // per-sample RRC back to the sample's size (uniform datasets)
+    double mixup_alpha = 0.0;          // Mixup, lambda ~ Beta(a, a); 0 = off
+    double cutmix_alpha = 0.0;         // CutMix, lambda ~ Beta(a, a); 0 = off
+    double mix_prob = 1.0;             // share of batches mixed when an alpha is > 0
+  } augment;
   struct Model {
     std::string name = "resnet20";
     int64_t in_channels = 1;

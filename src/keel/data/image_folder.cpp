@@ -86,11 +86,11 @@ void ImageFolderDataset::read_sample(size_t index, int64_t epoch, uint8_t* dst) 
   }
   const CropBox box = random_resized_crop_box(w, h, opts_.scale_lo, opts_.scale_hi, opts_.ratio_lo, opts_.ratio_hi,
                                               mix_seed(opts_.seed, static_cast<uint64_t>(epoch), index));
-  // The decode may shrink by 1/2, 1/4, 1/8 as long as the crop keeps at least `size` pixels.
+  // The decode may shrink by 1/2, 1/4, 1/8 as long as the crop keeps at least `size` pixels, and
+  // decodes only the crop's rows and columns.
   const double min_scale = std::max(size / box.w, size / box.h);
-  s.decoder.decode(s.bytes.data(), s.bytes.size(), channels, min_scale, s.pixels);
-  const double fx = static_cast<double>(s.pixels.width) / w, fy = static_cast<double>(s.pixels.height) / h;
-  crop_resize_to_chw(s.pixels, {box.x * fx, box.y * fy, box.w * fx, box.h * fy}, size, size, dst, s.hwc);
+  const CropBox local = s.decoder.decode_crop(s.bytes.data(), s.bytes.size(), channels, min_scale, box, s.pixels);
+  crop_resize_to_chw(s.pixels, local, size, size, dst, s.hwc);
 }
 
 std::unique_ptr<ImageFolderDataset> make_image_folder_split(const std::string& root, ImageFolderOptions options,

@@ -22,7 +22,7 @@ struct ImageFolderOptions {
 // Files dir/<class>/**/*.{jpg,jpeg,png} (extension case-insensitive), classes in sorted name
 // order (label = position), files sorted by path. Per sample a worker decodes (TurboJPEG with
 // DCT-domain downscaling when the crop is at least twice the output, or libpng), crops and
-// resizes (stb_image_resize) to the common size; everything else happens batched on the device.
+// resizes (libswscale) to the common size; everything else happens batched on the device.
 class ImageFolderDataset : public Dataset {
  public:
   // `classes` empty: the sub-folders of dir. Given (an evaluation split): exactly these

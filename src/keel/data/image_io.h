@@ -1,5 +1,5 @@
 // Image decoding (JPEG through TurboJPEG with DCT-domain scaling, PNG through libpng) and
-// crop-and-resize (stb_image_resize) into uint8 CHW samples: the per-image work of loader workers.
+// crop-and-resize (FFmpeg's libswscale) into uint8 CHW samples: the per-image work of loader workers.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -16,6 +16,9 @@ ImageFormat sniff_format(const uint8_t* data, size_t size);
 struct Pixels {
   int width = 0, height = 0, channels = 0;
   std::vector<uint8_t> data;  // reused between decodes: grows, never shrinks
+  // Where these pixels lie in the (DCT-scaled) image: the whole of it after decode(), a window
+  // after decode_crop().
+  int origin_x = 0, origin_y = 0, image_width = 0, image_height = 0;
 };
 
 // A region of an image in its full-resolution pixel coordinates.
@@ -44,6 +47,13 @@ class ImageDecoder {
   // is an error, as in PIL, not a gray-filled image).
   double decode(const uint8_t* data, size_t size, int channels, double min_scale, Pixels& out);
 
+  // What crop_resize_to_chw needs of `box` (full-resolution coordinates), as decode() would give
+  // it, but a JPEG decodes only the box's rows and (whole-iMCU) columns: libjpeg's
+  // jpeg_skip_scanlines / jpeg_crop_scanline (rows outside are entropy-decoded only, so a corrupt
+  // or truncated file fails whatever the box). Returns the box in out's pixel coordinates (whole
+  // pixels); those pixels equal decode()'s. PNG: decode() and the box unchanged.
+  CropBox decode_crop(const uint8_t* data, size_t size, int channels, double min_scale, CropBox box, Pixels& out);
+
  private:
   void* tj_;  // tjhandle
   std::vector<uint8_t> cmyk_;
@@ -52,9 +62,9 @@ class ImageDecoder {
 // Crops `box` of `src` (src's pixel coordinates, rounded to whole pixels, clamped inside) and
 // resizes the crop alone to out_w x out_h with a triangle filter (bilinear, antialiased when
 // shrinking, like PIL's BILINEAR), writing planar CHW uint8 to dst: torchvision's crop-then-resize
-// (RandomResizedCrop). `hwc_scratch` is reused between calls.
+// (RandomResizedCrop). `scratch` (the split colour planes) is reused between calls.
 void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, uint8_t* dst,
-                        std::vector<uint8_t>& hwc_scratch);
+                        std::vector<uint8_t>& scratch);
 
 // torchvision's eval geometry Resize(resize) + CenterCrop(size) on a width x height image.
 struct CenterCrop {
@@ -68,7 +78,7 @@ CenterCrop center_crop(int width, int height, int resize, int size);
 // torchvision does, so edge pixels are filtered with their real neighbours), as CHW into dst.
 // `src` may be a DCT-scaled decode: the resize then starts from fewer pixels.
 void resize_center_crop_to_chw(const Pixels& src, const CenterCrop& cc, uint8_t* dst,
-                               std::vector<uint8_t>& hwc_scratch);
+                               std::vector<uint8_t>& scratch);
 
 // torchvision's RandomResizedCrop.get_params on a width x height image, drawing from a
 // splitmix64 stream seeded by `seed`: 10 tries of area fraction in scale, log-uniform aspect in

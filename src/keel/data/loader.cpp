@@ -28,8 +28,8 @@ struct Slot {
 // Free buffers. Shared with the deleters of delivered batches, so a batch may outlive its Loader.
 class Pool {
  public:
-  Pool(int64_t batch_size, ImageShape shape, size_t keep)
-      : batch_size_(batch_size), shape_(shape), keep_(keep) {
+  Pool(int64_t batch_size, ImageShape shape, size_t keep, bool pinned)
+      : batch_size_(batch_size), shape_(shape), keep_(keep), pinned_(pinned) {
     free_.reserve(keep_);  // so give() never allocates (it runs inside tensor deleters)
   }
 
@@ -43,8 +43,9 @@ class Pool {
         return s;
       }
     }
-    return Slot{at::empty({batch_size_, shape_.channels, shape_.height, shape_.width}, at::kByte),
-                at::empty({batch_size_}, at::kLong), at::empty({batch_size_}, at::kLong)};
+    const auto opt = at::TensorOptions().pinned_memory(pinned_);
+    return Slot{at::empty({batch_size_, shape_.channels, shape_.height, shape_.width}, opt.dtype(at::kByte)),
+                at::empty({batch_size_}, opt.dtype(at::kLong)), at::empty({batch_size_}, at::kLong)};
   }
 
   // Returns a buffer; beyond `keep` free ones it is freed, so memory stays bounded.
@@ -57,6 +58,7 @@ class Pool {
   const int64_t batch_size_;
   const ImageShape shape_;
   const size_t keep_;
+  const bool pinned_;  // images and labels page-locked (LoaderOptions::pin_memory)
   std::mutex mu_;
   std::vector<Slot> free_;
 };
@@ -94,7 +96,7 @@ struct Loader::Impl {
         sample_bytes(static_cast<size_t>(shape.numel())),
         cap(o.workers() > 0 ? o.prefetch() + o.workers() : 1),
         // +1: the batch the consumer holds while it asks for the next one.
-        pool(std::make_shared<Pool>(o.batch_size(), shape, static_cast<size_t>(cap) + 1)) {}
+        pool(std::make_shared<Pool>(o.batch_size(), shape, static_cast<size_t>(cap) + 1, o.pin_memory())) {}
 
   const Dataset& dataset;
   const LoaderOptions opts;
@@ -117,6 +119,20 @@ struct Loader::Impl {
 
   int64_t epoch = 0;
   std::atomic<int64_t> skipped{0};  // samples replaced this epoch (OnError::kSkip)
+  std::atomic<int64_t> loaded{0};   // samples assembled this epoch
+  std::atomic<int64_t> busy_ns{0};  // time spent assembling them, summed over threads
+
+  // fill() timed into the epoch's loader-only throughput.
+  int64_t timed_fill(int64_t k, Slot& slot) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t n = fill(k, slot);
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+    if (n > 0) {
+      busy_ns.fetch_add(ns.count(), std::memory_order_relaxed);
+      loaded.fetch_add(n, std::memory_order_relaxed);
+    }
+    return n;
+  }
   std::mutex log_mu;                // guards `reported`
   std::set<size_t> reported;        // samples already logged as unreadable (once per run)
 
@@ -215,7 +231,7 @@ struct Loader::Impl {
       Ready r;
       try {
         r.slot = pool->take();
-        r.n = fill(k, r.slot);
+        r.n = timed_fill(k, r.slot);
       } catch (...) {
         r.error = std::current_exception();
       }
@@ -282,6 +298,8 @@ void Loader::start_epoch(int64_t epoch) {
   m.error = nullptr;
   m.epoch = epoch;
   m.skipped = 0;
+  m.loaded = 0;
+  m.busy_ns = 0;
   m.order = epoch_indices(dataset_->size(), options_.sampler(), epoch, options_.rank(),
                           options_.world_size());
   m.batches = batches_per_epoch();
@@ -317,7 +335,7 @@ std::optional<Batch> Loader::next() {
   if (options_.workers() == 0) {
     try {
       r.slot = m.pool->take();
-      r.n = m.fill(k, r.slot);
+      r.n = m.timed_fill(k, r.slot);
     } catch (...) {
       r.error = std::current_exception();
     }
@@ -374,5 +392,14 @@ void Loader::stop() {
 int64_t Loader::skipped_samples() const { return impl_->skipped.load(std::memory_order_relaxed); }
 
 double Loader::last_wait_seconds() const { return impl_->last_wait; }
+
+double Loader::loader_images_per_second() const {
+  const int64_t ns = impl_->busy_ns.load(std::memory_order_relaxed);
+  if (ns <= 0) return 0.0;
+  return static_cast<double>(impl_->loaded.load(std::memory_order_relaxed)) * 1e9 / static_cast<double>(ns) *
+         static_cast<double>(std::max<int64_t>(1, options_.workers()));
+}
+
+int64_t Loader::loaded_samples() const { return impl_->loaded.load(std::memory_order_relaxed); }
 
 }  // namespace keel::data

@@ -29,6 +29,10 @@ struct LoaderOptions {
   TORCH_ARG(int64_t, rank) = 0;          // this process's shard, 0 <= rank < world_size
   TORCH_ARG(int64_t, world_size) = 1;    // number of shards (data-parallel processes)
   TORCH_ARG(OnError, on_error) = OnError::kFail;  // unreadable samples: fail, or skip and replace
+  // Batch buffers in page-locked (pinned) host memory, so a CUDA upload copies straight from them
+  // (device::Uploader skips its staging copy). Only for a CUDA training device: a CPU-only LibTorch
+  // or a machine without a GPU cannot pin, and a CPU device gains nothing.
+  TORCH_ARG(bool, pin_memory) = false;
 };
 
 // One batch. The tensors view a pooled loader buffer: the buffer goes back to the pool when
@@ -74,6 +78,13 @@ class Loader {
   int64_t skipped_samples() const;
   // Seconds the last next() waited for data (with workers = 0: the time it spent loading).
   double last_wait_seconds() const;
+  // The loader's own throughput in the current epoch, as if the consumer never held it back:
+  // samples assembled / seconds spent assembling them (summed over workers) x max(1, workers).
+  // Time a worker waits for queue space is not counted, time it waits for a core is (so more
+  // workers than cores does not inflate it). 0 before any batch was assembled.
+  double loader_images_per_second() const;
+  // Samples assembled so far this epoch (delivered or waiting in the queue).
+  int64_t loaded_samples() const;
 
   const LoaderOptions& options() const { return options_; }
   const Dataset& dataset() const { return *dataset_; }

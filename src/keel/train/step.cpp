@@ -61,7 +61,9 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
     scaler_.scale(loss * share).backward();
     if (timer_) timer_->mark(monitor::Phase::kBackward);
     loss_sum += loss.detach().to(at::kDouble) * len;
-    correct += logits.detach().argmax(1).eq(ym).sum();
+    // Soft (mixup/cutmix) targets (m, K): cross_entropy_loss takes them as class probabilities
+    // above; a prediction counts as correct when it names the dominant class.
+    correct += logits.detach().argmax(1).eq(ym.dim() == 2 ? ym.argmax(1) : ym).sum();
   }
 }
 

@@ -83,7 +83,8 @@ class StepRunner {
              std::function<double(int64_t)> lr_at, Ema* ema = nullptr,
              monitor::StepTimer* timer = nullptr);
 
-  // One optimizer step on (x, y): x float (N, C, H, W) already augmented/normalised, y long (N).
+  // One optimizer step on (x, y): x float (N, C, H, W) already augmented/normalised, y long (N) class
+  // indices or float (N, K) class probabilities (mixup/cutmix soft targets).
   StepResult run(const at::Tensor& x, const at::Tensor& y);
 
   int64_t steps() const { return steps_; }          // applied steps so far
