@@ -227,7 +227,15 @@ std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, boo
 
 models::NetPtr make_model(const config::Config& cfg) {
   torch::manual_seed(static_cast<uint64_t>(cfg.run.seed));
-  auto model = models::create({cfg.model.name, cfg.model.in_channels, cfg.model.num_classes, cfg.model.checkpoint_stages});
+  models::ModelSpec spec;
+  spec.name = cfg.model.name;
+  spec.in_channels = cfg.model.in_channels;
+  spec.num_classes = cfg.model.num_classes;
+  spec.checkpoint_stages = cfg.model.checkpoint_stages;
+  spec.image_size = cfg.model.image_size;
+  spec.patch_size = cfg.model.patch_size;
+  spec.attention = cfg.model.attention;
+  auto model = models::create(spec);
   if (!cfg.model.weights.empty()) {
     models::load_state_dict(*model, models::read_state_dict(cfg.model.weights));
   }
