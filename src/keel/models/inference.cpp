@@ -15,13 +15,15 @@ namespace keel::models {
 
 std::string InferenceOptions::label() const {
   std::string s;
-  auto add = [&s](bool on, const char* what) {
-    if (on) s += (s.empty() ? "" : "+") + std::string(what);
+  auto add = [&s](bool on, const std::string& what) {
+    if (!on) return;
+    if (!s.empty()) s += '+';
+    s += what;
   };
   add(inference_mode, "im");
   add(fold_bn, "fold");
   add(channels_last, "cl");
-  add(precision != "fp32", precision.c_str());
+  add(precision != "fp32", precision);
   return s.empty() ? "plain" : s;
 }
 

@@ -68,7 +68,7 @@ at::Tensor ResBlockImpl::forward(at::Tensor x) {
     at::Tensor y = watch(n_bn1, conv1(x)).relu_();
     y = watch(n_bn2, conv2(y));
     if (bottleneck) y = watch(n_bn3, conv3(y.relu_()));
-    at::Tensor identity = downsample ? watch(n_downsample, downsample->at<torch::nn::Conv2dImpl>(0).forward(x)) : x;
+    at::Tensor identity = downsample ? watch(n_downsample, ds_conv(x)) : x;
     return watch(path, y.add_(identity).relu_());
   }
   at::Tensor y = watch(n_conv1, conv1(x));
@@ -129,20 +129,22 @@ at::Tensor ResNet::forward(at::Tensor x) {
 
 namespace {
 
-// conv <- BN(conv): w' = w * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps) + beta.
-// Computed in fp64 so the folded fp32 weights are the correctly rounded products.
-void fold_into(torch::nn::Conv2dImpl& conv, torch::nn::BatchNorm2dImpl& bn) {
+// A conv with BN(conv) in it: w' = w * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps)
+// + beta. A new module (the originals have no bias parameter to fill: LibTorch registers it undefined), computed in
+// fp64 so the folded fp32 weights are the correctly rounded products.
+torch::nn::Conv2d folded_conv(const torch::nn::Conv2dImpl& conv, const torch::nn::BatchNorm2dImpl& bn) {
   torch::NoGradGuard ng;
+  auto o = conv.options;
+  o.bias(true);
+  torch::nn::Conv2d out(o);
+  out->to(conv.weight.device(), conv.weight.scalar_type());
   const at::Tensor scale = bn.weight.to(at::kDouble) / (bn.running_var.to(at::kDouble) + bn.options.eps()).sqrt();
   const at::Tensor w = conv.weight.to(at::kDouble) * scale.view({-1, 1, 1, 1});
   const at::Tensor b0 = conv.bias.defined() ? conv.bias.to(at::kDouble) : at::zeros_like(scale);
   const at::Tensor b = (b0 - bn.running_mean.to(at::kDouble)) * scale + bn.bias.to(at::kDouble);
-  conv.weight.set_data(w.to(conv.weight.scalar_type()).contiguous(conv.weight.suggest_memory_format()));
-  if (conv.bias.defined()) {
-    conv.bias.set_data(b.to(conv.weight.scalar_type()));
-  } else {
-    conv.bias = conv.register_parameter("bias", b.to(conv.weight.scalar_type()));
-  }
+  out->weight.set_data(w.to(conv.weight.scalar_type()).contiguous(conv.weight.suggest_memory_format()));
+  out->bias.set_data(b.to(conv.weight.scalar_type()));
+  return out;
 }
 
 }  // namespace
@@ -152,20 +154,24 @@ int64_t ResNet::fold_batchnorm() {
               "which only eval mode uses (call eval() first)");
   if (folded_) return 0;
   int64_t n = 0;
-  fold_into(*conv1, *bn1);
+  // The folded convs replace the originals under the same names (state dict: convK.weight + new convK.bias);
+  // the BatchNorms stay registered but the forward no longer calls them.
+  conv1 = replace_module("conv1", folded_conv(*conv1, *bn1));
   ++n;
   for (auto& stage : stages) {
     for (const auto& child : stage->children()) {
       auto* blk = child->as<ResBlockImpl>();
-      fold_into(*blk->conv1, *blk->bn1);
-      fold_into(*blk->conv2, *blk->bn2);
+      blk->conv1 = blk->replace_module("conv1", folded_conv(*blk->conv1, *blk->bn1));
+      blk->conv2 = blk->replace_module("conv2", folded_conv(*blk->conv2, *blk->bn2));
       n += 2;
       if (blk->bottleneck) {
-        fold_into(*blk->conv3, *blk->bn3);
+        blk->conv3 = blk->replace_module("conv3", folded_conv(*blk->conv3, *blk->bn3));
         ++n;
       }
       if (blk->downsample) {
-        fold_into(blk->downsample->at<torch::nn::Conv2dImpl>(0), blk->downsample->at<torch::nn::BatchNorm2dImpl>(1));
+        auto c = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(blk->downsample->ptr(0));
+        auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(blk->downsample->ptr(1));
+        blk->ds_conv = blk->downsample->replace_module("0", folded_conv(*c, *bn));
         ++n;
       }
       blk->folded = true;

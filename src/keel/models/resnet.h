@@ -38,6 +38,7 @@ struct ResBlockImpl : torch::nn::Module {
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential downsample{nullptr};
   bool folded = false;  // BatchNorms folded into the convs (fold_batchnorm): forward skips them
+  torch::nn::Conv2d ds_conv{nullptr};  // once folded: downsample.0, the conv with the BatchNorm in it
 };
 TORCH_MODULE(ResBlock);
 
