@@ -42,8 +42,15 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor):
     model.eval()
     with torch.no_grad():
         fp32 = model(x)
+        # torch 1.13's nn.MultiheadAttention fast path (_native_multi_head_attention, taken in eval mode) fails under
+        # CPU bf16 autocast ("expected scalar type BFloat16 but found Float"); in training mode it takes the regular
+        # path, which is the same computation here (dropout 0).
+        for m in model.modules():
+            if isinstance(m, torch.nn.MultiheadAttention):
+                m.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(x).float()
+        model.eval()
     return fp32, bf16
 
 

@@ -143,10 +143,11 @@ TEST(ViTAttention, ImplementationsMatchTheFp64Reference) {
   if (keel::compat::kHasSdpa) {
     EXPECT_LT(max_diff(keel::models::attention(q, k, v, AttentionImpl::kSdpa), ref), 1e-5);
   }
-  // Large logits (scores of order 1e4): a softmax without the max subtraction overflows exp to inf and NaN.
+  // Large scores (std ~900): a softmax without the max subtraction overflows exp to inf and NaN. The fp32 scores
+  // themselves carry rounding of ~1e-4 absolute at that magnitude, which the exponential passes on: hence 2e-3.
   const at::Tensor big = keel::models::attention_keel(q * 30, k * 30, v);
   EXPECT_TRUE(big.isfinite().all().item<bool>());
-  EXPECT_LT(max_diff(big, keel::models::attention_reference(q * 30, k * 30, v)), 1e-4);
+  EXPECT_LT(max_diff(big, keel::models::attention_reference(q * 30, k * 30, v)), 2e-3);
   // bf16 inputs: within bf16's resolution of the fp64 result on the same rounded inputs.
   const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16), vb = v.to(at::kBFloat16);
   const at::Tensor refb = keel::models::attention_reference(qb.to(at::kFloat), kb.to(at::kFloat), vb.to(at::kFloat));

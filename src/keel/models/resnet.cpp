@@ -134,9 +134,13 @@ namespace {
 // fp64 so the folded fp32 weights are the correctly rounded products.
 torch::nn::Conv2d folded_conv(const torch::nn::Conv2dImpl& conv, const torch::nn::BatchNorm2dImpl& bn) {
   torch::NoGradGuard ng;
-  auto o = conv.options;
-  o.bias(true);
-  torch::nn::Conv2d out(o);
+  const auto& o = conv.options;
+  torch::nn::Conv2d out(torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
+                            .stride(o.stride())
+                            .padding(o.padding())
+                            .dilation(o.dilation())
+                            .groups(o.groups())
+                            .bias(true));
   out->to(conv.weight.device(), conv.weight.scalar_type());
   const at::Tensor scale = bn.weight.to(at::kDouble) / (bn.running_var.to(at::kDouble) + bn.options.eps()).sqrt();
   const at::Tensor w = conv.weight.to(at::kDouble) * scale.view({-1, 1, 1, 1});
