@@ -65,7 +65,7 @@ at::Tensor run(keel::models::Net& m, const at::Tensor& x, const std::string& lab
 }  // namespace
 
 TEST(Inference, LabelsRoundTripAndUnknownSwitchesAreNamed) {
-  for (const char* l : {"plain", "im", "im+fold", "im+fold+cl", "im+fold+cl+bf16", "cl+bf16"}) {
+  for (const char* l : {"plain", "im", "im+fold", "im+fold+cl", "im+fold+cl+bf16", "cl+bf16", "im+cl+bf16w"}) {
     EXPECT_EQ(InferenceOptions::parse(l).label(), l);
   }
   EXPECT_EQ(InferenceOptions().label(), "im+fold+cl");
@@ -132,6 +132,18 @@ TEST(Inference, Bf16AutocastWithinTheDocumentedTolerance) {
     const double scale = expected.abs().max().item<double>(), d = max_diff(bf16, expected);
     EXPECT_LT(d, 0.05 * scale) << name;
     std::cout << name << ": bf16 vs fp32 max diff " << d << " (|logits| max " << scale << ")\n";
+    // Weights cast once: the same products autocast forms (it rounds the same fp32 weights to bf16), so the same
+    // logits up to accumulation order.
+    auto mw = copy_of(ref, name, 3, 10);
+    const at::Tensor bf16w = run(*mw, x, "im+fold+cl+bf16w");
+    EXPECT_LT(max_diff(bf16w, expected), 0.05 * scale) << name;
+    EXPECT_LT(max_diff(bf16w, bf16), 0.01 * scale) << name;
+    int64_t cast = 0;
+    for (const auto& p : mw->named_parameters()) cast += p.value().scalar_type() == at::kBFloat16;
+    EXPECT_GT(cast, 0) << name;
+    for (const auto& p : mw->named_parameters()) {
+      if (p.value().dim() < 2) EXPECT_EQ(p.value().scalar_type(), at::kFloat) << p.key() << " stays fp32";
+    }
   }
 }
 

@@ -22,6 +22,7 @@
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/models/vit.h"
+#include "keel/train/model_spec.h"
 #include "keel/train/trainer.h"
 
 namespace keel::cli {
@@ -36,7 +37,7 @@ struct InferArgs {
   std::string checkpoint;
   std::string model = "resnet50";
   int64_t size = 0, channels = 3, classes = 1000;
-  std::string settings = "plain,im,im+fold,im+fold+cl,im+fold+cl+bf16";
+  std::string settings = "plain,im,im+fold,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w";
   std::string batches = "1,8,32";
   int64_t latency_iters = 20, sweep_iters = 3, warmup = 2, rounds = 1, threads = -1;
   std::string device;
@@ -91,12 +92,8 @@ Plan resolve(const InferArgs& a) {
     }
   }
   if (cfg) {
-    p.spec.name = cfg->model.name;
-    p.spec.in_channels = cfg->model.in_channels;
-    p.spec.num_classes = cfg->model.num_classes;
-    p.spec.image_size = cfg->model.image_size;
-    p.spec.patch_size = cfg->model.patch_size;
-    p.spec.attention = cfg->model.attention;
+    p.spec = train::model_spec(*cfg);
+    p.spec.checkpoint_stages = false;  // a training-time memory setting
     p.device = cfg->run.device;
     p.threads = cfg->run.threads;
     if (p.weights.empty() && !cfg->model.weights.empty()) {
@@ -116,6 +113,8 @@ Plan resolve(const InferArgs& a) {
   if (a.size > 0) {
     p.size = a.size;
     if (p.spec.image_size == 0) p.spec.image_size = a.size;  // a ViT is built for the size asked
+  } else if (auto vit = models::vit_options(p.spec.name)) {
+    p.size = p.spec.image_size > 0 ? p.spec.image_size : vit->image_size;  // a ViT takes one size only
   }
   if (!a.device.empty()) p.device = a.device;
   if (a.threads >= 0) p.threads = a.threads;
@@ -148,7 +147,8 @@ Runner add_bench_infer(CLI::App* bench) {
   sub->add_option("--classes", a->classes, "classes, when no CONFIG is given")->capture_default_str();
   sub->add_option("--settings", a->settings,
                   "comma-separated settings, each plain or '+'-joined switches: im (inference mode), fold (conv-BN "
-                  "folding), cl (channels_last), bf16 (autocast), fp16 (CUDA autocast)")
+                  "folding), cl (channels_last), bf16 (autocast), bf16w (autocast + weights cast to bf16 once), "
+                  "fp16 (CUDA autocast)")
       ->capture_default_str();
   sub->add_option("--batches", a->batches, "comma-separated batch sizes of the throughput sweep")->capture_default_str();
   sub->add_option("--latency-iters", a->latency_iters, "timed batch-1 forwards per setting and round (0 = none)")

@@ -23,7 +23,7 @@ std::string InferenceOptions::label() const {
   add(inference_mode, "im");
   add(fold_bn, "fold");
   add(channels_last, "cl");
-  add(precision != "fp32", precision);
+  add(precision != "fp32", bf16_weights ? std::string("bf16w") : precision);
   return s.empty() ? "plain" : s;
 }
 
@@ -37,9 +37,13 @@ InferenceOptions InferenceOptions::parse(const std::string& label) {
     else if (t == "fold") o.fold_bn = true;
     else if (t == "cl") o.channels_last = true;
     else if (t == "bf16" || t == "fp16") o.precision = t;
+    else if (t == "bf16w") {
+      o.precision = "bf16";
+      o.bf16_weights = true;
+    }
     else if (t == "fp32") o.precision = "fp32";
     else throw std::invalid_argument("inference setting '" + label + "': unknown switch '" + t +
-                                     "'; expected plain or a '+'-joined list of im, fold, cl, bf16, fp16");
+                                     "'; expected plain or a '+'-joined list of im, fold, cl, bf16, bf16w, fp16");
   }
   return o;
 }
@@ -50,10 +54,20 @@ int64_t prepare_for_inference(Net& m, const InferenceOptions& o) {
   if (o.fold_bn) {
     if (auto* r = dynamic_cast<ResNet*>(&m)) folded = r->fold_batchnorm();
   }
+  torch::NoGradGuard ng;
   if (o.channels_last) {
-    torch::NoGradGuard ng;
     for (auto& p : m.parameters()) {
       if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+    }
+  }
+  if (o.bf16_weights) {
+    TORCH_CHECK(o.precision == "bf16", "bf16 weights need bf16 autocast (setting bf16w)");
+    // By rule, not by module type: the matrices and kernels (*weight, >= 2-D) that autocast would cast per call.
+    for (auto& p : m.named_parameters()) {
+      const std::string& n = p.key();
+      if (p.value().dim() >= 2 && n.size() >= 6 && n.compare(n.size() - 6, 6, "weight") == 0) {
+        p.value().set_data(p.value().to(at::kBFloat16));
+      }
     }
   }
   return folded;

@@ -12,8 +12,13 @@ struct InferenceOptions {
   bool fold_bn = true;             // fold eval BatchNorms into the preceding convs (ResNets; a no-op for ViTs)
   bool channels_last = true;       // NHWC weights and inputs (oneDNN's native conv layout)
   std::string precision = "fp32";  // fp32 | bf16 (autocast; CPU and CUDA) | fp16 (autocast; CUDA only)
+  // With bf16: the conv and linear weights are cast to bf16 once, when the model is prepared, instead of by
+  // autocast in every forward (which re-reads every fp32 weight per call: at batch 1 that traffic is much of the
+  // time). Norm parameters, biases, class token and position embeddings stay fp32.
+  bool bf16_weights = false;
 
-  // "plain" (all off, fp32) or '+'-joined switches: im, fold, cl, bf16, fp16 (e.g. "im+fold+cl+bf16").
+  // "plain" (all off, fp32) or '+'-joined switches: im, fold, cl, bf16, bf16w (bf16 + bf16_weights), fp16
+  // (e.g. "im+fold+cl+bf16w").
   std::string label() const;
   // Parses a label as above; throws std::invalid_argument naming the unknown switch and the known ones.
   static InferenceOptions parse(const std::string& label);
