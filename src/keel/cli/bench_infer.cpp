@@ -162,7 +162,8 @@ Runner add_bench_infer(CLI::App* bench) {
   sub->add_option("--device", a->device, "auto, cpu, cuda or cuda:N (default: the config's run.device, else auto)");
   sub->add_option("--attention", a->attention, "ViTs: auto, keel, sdpa (overrides model.attention)");
   sub->add_flag("--json", a->json, "print the result as one JSON object on the last line");
-  return [a]() -> int {
+  return [a, sub]() -> int {
+    (void)sub;
     const Plan plan = resolve(*a);
     const int threads = train::configure_threads(plan.threads);
     memory::install_cpu_allocator();
