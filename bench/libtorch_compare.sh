@@ -13,7 +13,8 @@ for r in $(seq "$repeats"); do
     echo "# repeat $r $b load $(cut -d' ' -f1 /proc/loadavg)" >&2
     $bins/$b/keel bench step --model resnet50 --size 224 --batch 16 --steps 3 --warmup 1 --repeats 1 --json | tail -n1 |
       sed "s/^/{\"build\":\"$b\",\"what\":\"resnet50-train\",\"r\":$r,\"result\":/; s/\$/}/"
-    $bins/$b/keel bench infer --model resnet50 --size 224 --batch 32 --steps 3 --warmup 1 --repeats 1 --json | tail -n1 |
+    $bins/$b/keel bench infer --model resnet50 --size 224 --batches 32 --settings im+cl,im+cl+bf16 \
+      --latency-iters 0 --sweep-iters 3 --warmup 1 --json | tail -n1 |
       sed "s/^/{\"build\":\"$b\",\"what\":\"resnet50-infer\",\"r\":$r,\"result\":/; s/\$/}/"
   done
 done

@@ -1,6 +1,6 @@
-// `keel bench step` / `keel bench infer`: training-step or inference throughput of a model on random
-// data, for several precisions measured alternately in the same run (ratios, not absolute seconds,
-// are what to compare).
+// `keel bench step`: training-step throughput of a model on random data, for several precisions measured
+// alternately in the same run (ratios, not absolute seconds, are what to compare). `keel bench infer` is in
+// bench_infer.cpp.
 // `keel bench data`: the input pipeline of a config alone (loader + device augmentation, no model).
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -32,7 +32,6 @@ struct BenchArgs {
   int64_t size = 64, batch = 64, channels = 3, classes = 10, steps = 10, warmup = 3, repeats = 3, threads = 0;
   std::string precisions = "fp32,bf16";
   std::string device = "auto";
-  bool infer = false;  // forward only, eval mode, no autograd (keel bench infer)
   bool channels_last = true;
   bool json = false;
 };
@@ -44,7 +43,7 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-// Images per second of `steps` optimizer steps (or forward passes, for infer) after `warmup`,
+// Images per second of `steps` optimizer steps after `warmup`,
 // with the given precision, on the resolved device.
 double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_bytes) {
   torch::manual_seed(0);
@@ -54,19 +53,6 @@ double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_b
   if (a.channels_last) train::model_to_channels_last(*model);
   at::Tensor x = at::randn({a.batch, a.channels, a.size, a.size}, at::TensorOptions().device(dev));
   if (a.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-  if (a.infer) {
-    model->eval();
-    c10::InferenceMode no_autograd;
-    for (int64_t i = 0; i < a.warmup; ++i) train::forward_logits(*model, x, precision);
-    device::synchronize(dev);
-    device::reset_peak(dev);
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < a.steps; ++i) train::forward_logits(*model, x, precision);
-    device::synchronize(dev);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    *peak_bytes = device::memory_stats(dev).peak;
-    return static_cast<double>(a.steps * a.batch) / s;
-  }
   model->train();
   train::OptimizerOptions oo;
   oo.lr = 0.01;
@@ -133,9 +119,10 @@ Runner add_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "benchmarks (ratios measured in the same run)");
   bench->require_subcommand(1);
   auto* step = bench->add_subcommand("step", "training-step throughput per precision on random data");
-  auto* infer = bench->add_subcommand("infer", "inference throughput (eval mode, no autograd) per precision");
-  infer->callback([a] { a->infer = true; });
-  for (auto* sub : {step, infer}) {
+  // `keel bench infer` has its own options and runner (bench_infer.cpp).
+  Runner infer_runner = add_bench_infer(bench);
+  CLI::App* infer = bench->get_subcommand("infer");
+  for (auto* sub : {step}) {
     sub->add_option("--model", a->model, "registered model name")->capture_default_str();
     sub->add_option("--size", a->size, "image height and width")->capture_default_str();
     sub->add_option("--batch", a->batch, "batch size")->capture_default_str();
@@ -162,7 +149,8 @@ Runner add_bench(CLI::App& app) {
   dcmd->add_option("--repeats", d->repeats, "repeats (each a fresh epoch); the median is reported")
       ->capture_default_str();
   dcmd->add_flag("--json", d->json, "print the result as one JSON object on the last line");
-  return [a, d, dcmd] {
+  return [a, d, dcmd, infer, infer_runner] {
+    if (infer->parsed()) return infer_runner();
     if (dcmd->parsed()) {
       const config::Config cfg = config::load(d->config, d->sets);
       const int threads = train::configure_threads(cfg.run.threads);
@@ -211,7 +199,7 @@ Runner add_bench(CLI::App& app) {
       }
     }
     const std::string dev = device::resolve(a->device).str();
-    nlohmann::json out = {{"mode", a->infer ? "infer" : "train"}, {"model", a->model}, {"size", a->size},
+    nlohmann::json out = {{"mode", "train"}, {"model", a->model}, {"size", a->size},
                           {"batch", a->batch}, {"threads", threads}, {"device", dev},
                           {"channels_last", a->channels_last}};
     const std::string& base = precisions.front();
@@ -220,9 +208,8 @@ Runner add_bench(CLI::App& app) {
       return v[v.size() / 2];
     };
     fmt::print("{} {} {}x{} batch {} ({}) on {}, {} threads, median of {} repeats of {} {}:\n",
-               a->infer ? "inference" : "training", a->model, a->size, a->size, a->batch,
-               a->channels_last ? "channels_last" : "NCHW", dev, threads, a->repeats, a->steps,
-               a->infer ? "forward passes" : "steps");
+               "training", a->model, a->size, a->size, a->batch,
+               a->channels_last ? "channels_last" : "NCHW", dev, threads, a->repeats, a->steps, "steps");
     for (const auto& p : precisions) {
       const double m = median(ips[p]), ratio = m / median(ips[base]);
       fmt::print("  {:5s} {:8.1f} images/s  x{:.2f} vs {}  peak {:.1f} MiB\n", p, m, ratio, base,

@@ -15,6 +15,8 @@ Runner add_eval(CLI::App& app);
 Runner add_doctor(CLI::App& app);
 Runner add_config(CLI::App& app);
 Runner add_bench(CLI::App& app);
+// `keel bench infer` (bench_infer.cpp), registered under `bench` by add_bench.
+Runner add_bench_infer(CLI::App* bench);
 Runner add_plan_batch(CLI::App& app);
 Runner add_report(CLI::App& app);
 

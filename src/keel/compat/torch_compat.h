@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/autocast_mode.h>
 #include <ATen/Parallel.h>
+#include <ATen/Functions.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 #include <torch/optim/optimizer.h>
@@ -152,5 +153,21 @@ uint64_t profiler_event_duration_ns(const Event& e) {
   if constexpr (detail::HasStartNs<Event>::value) return e.durationNs();
   else return static_cast<uint64_t>(e.durationUs()) * 1000;
 }
+
+// Fused attention. LibTorch >= 2.0 has at::scaled_dot_product_attention (q (B, H, L, d), k/v (B, H, S, d),
+// scale 1/sqrt(d), no mask); 1.13 has none, so keel's models fall back to their own batched-matmul attention
+// (models/vit.h: attention_keel) where kHasSdpa is false.
+#if KEEL_TORCH_AT_LEAST(2, 0)
+constexpr bool kHasSdpa = true;
+inline at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return at::scaled_dot_product_attention(q, k, v);
+}
+#else
+constexpr bool kHasSdpa = false;
+inline at::Tensor scaled_dot_product_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "scaled_dot_product_attention needs LibTorch >= 2.0 (this is ", TORCH_VERSION,
+              "); use attention = \"keel\"");
+}
+#endif
 
 }  // namespace keel::compat

@@ -237,7 +237,9 @@ const std::vector<Field>& schema() {
         float_in(0, 1)));
     // model
     f.push_back(make_field<C::Model, std::string>("model.name", &C::model, &C::Model::name,
-        "Registered model: resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50/101/152 (torchvision layout).",
+        "Registered model: resnet20/32/44/56/110 (CIFAR-style), resnet18/34/50/101/152 (torchvision layout), or a "
+        "Vision Transformer vit_{tiny,small,base}_{16,32}, vit_large_16 (torchvision's vit_b_16, vit_b_32, vit_l_16 "
+        "are the same models under torchvision's names).",
         "a registered name", nonempty));
     f.push_back(make_field<C::Model, int64_t>("model.in_channels", &C::model, &C::Model::in_channels,
         "Input image channels.", ">= 1", int_at_least(1)));
@@ -250,6 +252,18 @@ const std::vector<Field>& schema() {
         "Activation checkpointing: each ResNet stage keeps only its input in the forward and recomputes its "
         "activations in the backward, trading about one extra forward of compute for activation memory "
         "(docs/memory.md has the measured cost).", "", nullptr));
+    f.push_back(make_field<C::Model, int64_t>("model.image_size", &C::model, &C::Model::image_size,
+        "ViTs: the input side the position embeddings are for (inputs must be this size; 0 = 224). `model.weights` "
+        "saved at another size are interpolated bicubically, as torchvision's interpolate_embeddings does. "
+        "ResNets ignore it.", ">= 0", int_at_least(0)));
+    f.push_back(make_field<C::Model, int64_t>("model.patch_size", &C::model, &C::Model::patch_size,
+        "ViTs: patch side (0 = the name's: 16 for vit_tiny_16); `model.image_size` must be a multiple of it. "
+        "ResNets ignore it.", ">= 0", int_at_least(0)));
+    const std::vector<std::string> attention = {"auto", "keel", "sdpa"};
+    f.push_back(make_field<C::Model, std::string>("model.attention", &C::model, &C::Model::attention,
+        "ViTs: attention kernel. `keel`: two batched GEMMs with the scale folded into the first and softmax in "
+        "fp32 (every LibTorch); `sdpa`: at::scaled_dot_product_attention (LibTorch >= 2.0); `auto`: sdpa where "
+        "it exists, else keel. ResNets ignore it.", choices_text(attention), one_of(attention)));
     // train
     f.push_back(make_field<C::Train, int64_t>("train.epochs", &C::train, &C::Train::epochs,
         "Passes over the training set.", ">= 1", int_at_least(1)));

@@ -55,6 +55,9 @@ struct Config {
     int64_t num_classes = 10;
     std::string weights;  // optional torch.save() state dict to start from
     bool checkpoint_stages = false;  // activation checkpointing per ResNet stage
+    int64_t image_size = 0;          // ViTs: input side (0 = 224)
+    int64_t patch_size = 0;          // ViTs: patch side (0 = the name's, e.g. 16 for vit_tiny_16)
+    std::string attention = "auto";  // ViTs: auto | keel | sdpa
   } model;
   struct Train {
     int64_t epochs = 2;

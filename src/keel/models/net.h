@@ -2,14 +2,24 @@
 #pragma once
 #include <torch/nn/module.h>
 #include <ATen/ATen.h>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace keel::models {
+
+// Named tensors in order (the same type as state_dict.h's StateDict).
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 // A model: images (N, C, H, W) float -> logits (N, num_classes).
 struct Net : torch::nn::Module {
   virtual at::Tensor forward(at::Tensor x) = 0;
   // Multiply-accumulates of one forward pass for one image of the given size (for FLOP/s reports).
   virtual double macs_per_image(int64_t height, int64_t width) const { return 0.0; }
+  // A state dict of this architecture saved with other settings, rewritten to this model's shapes before
+  // load_state_dict checks it (a ViT saved at another image size: its position embeddings are interpolated).
+  // The default returns it unchanged.
+  virtual NamedTensors adapt_state_dict(const NamedTensors& sd) const { return sd; }
 };
 
 using NetPtr = std::shared_ptr<Net>;

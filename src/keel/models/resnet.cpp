@@ -64,6 +64,13 @@ ResBlockImpl::ResBlockImpl(ResNetOptions::Block kind, int64_t in_planes, int64_t
 
 at::Tensor ResBlockImpl::forward(at::Tensor x) {
   // x: (N, in_planes, H, W) -> (N, planes * expansion, H / stride, W / stride)
+  if (folded) {  // BatchNorms live in the convs' weights and biases (fold_batchnorm)
+    at::Tensor y = watch(n_bn1, conv1(x)).relu_();
+    y = watch(n_bn2, conv2(y));
+    if (bottleneck) y = watch(n_bn3, conv3(y.relu_()));
+    at::Tensor identity = downsample ? watch(n_downsample, ds_conv(x)) : x;
+    return watch(path, y.add_(identity).relu_());
+  }
   at::Tensor y = watch(n_conv1, conv1(x));
   y = watch(n_bn1, bn1(y)).relu_();
   y = watch(n_conv2, conv2(y));
@@ -108,8 +115,9 @@ ResNet::ResNet(const ResNetOptions& o) : opts(o) {
 
 at::Tensor ResNet::forward(at::Tensor x) {
   // x: (N, C, H, W) float -> logits (N, num_classes)
-  x = watch("conv1", conv1(x));
-  x = watch("bn1", bn1(x)).relu_();
+  TORCH_CHECK(!(folded_ && is_training()), "ResNet: BatchNorms are folded into the convs (inference only); "
+              "a folded model cannot train: build a fresh one");
+  x = folded_ ? watch("bn1", conv1(x)).relu_() : watch("bn1", bn1(watch("conv1", conv1(x)))).relu_();
   if (opts.imagenet_stem) {
     x = torch::nn::functional::max_pool2d(
         x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));
@@ -117,6 +125,64 @@ at::Tensor ResNet::forward(at::Tensor x) {
   for (auto& stage : stages) x = opts.checkpoint_stages ? checkpointed_forward(stage, x) : stage->forward(x);
   x = x.mean({2, 3});  // (N, C_last)
   return watch("fc", fc(x));
+}
+
+namespace {
+
+// A conv with BN(conv) in it: w' = w * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps)
+// + beta. A new module (the originals have no bias parameter to fill: LibTorch registers it undefined), computed in
+// fp64 so the folded fp32 weights are the correctly rounded products.
+torch::nn::Conv2d folded_conv(const torch::nn::Conv2dImpl& conv, const torch::nn::BatchNorm2dImpl& bn) {
+  torch::NoGradGuard ng;
+  const auto& o = conv.options;
+  torch::nn::Conv2d out(torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), o.kernel_size())
+                            .stride(o.stride())
+                            .padding(o.padding())
+                            .dilation(o.dilation())
+                            .groups(o.groups())
+                            .bias(true));
+  out->to(conv.weight.device(), conv.weight.scalar_type());
+  const at::Tensor scale = bn.weight.to(at::kDouble) / (bn.running_var.to(at::kDouble) + bn.options.eps()).sqrt();
+  const at::Tensor w = conv.weight.to(at::kDouble) * scale.view({-1, 1, 1, 1});
+  const at::Tensor b0 = conv.bias.defined() ? conv.bias.to(at::kDouble) : at::zeros_like(scale);
+  const at::Tensor b = (b0 - bn.running_mean.to(at::kDouble)) * scale + bn.bias.to(at::kDouble);
+  out->weight.set_data(w.to(conv.weight.scalar_type()).contiguous(conv.weight.suggest_memory_format()));
+  out->bias.set_data(b.to(conv.weight.scalar_type()));
+  return out;
+}
+
+}  // namespace
+
+int64_t ResNet::fold_batchnorm() {
+  TORCH_CHECK(!is_training(), "fold_batchnorm: the model is in training mode; folding uses the running statistics, "
+              "which only eval mode uses (call eval() first)");
+  if (folded_) return 0;
+  int64_t n = 0;
+  // The folded convs replace the originals under the same names (state dict: convK.weight + new convK.bias);
+  // the BatchNorms stay registered but the forward no longer calls them.
+  conv1 = replace_module("conv1", folded_conv(*conv1, *bn1));
+  ++n;
+  for (auto& stage : stages) {
+    for (const auto& child : stage->children()) {
+      auto* blk = child->as<ResBlockImpl>();
+      blk->conv1 = blk->replace_module("conv1", folded_conv(*blk->conv1, *blk->bn1));
+      blk->conv2 = blk->replace_module("conv2", folded_conv(*blk->conv2, *blk->bn2));
+      n += 2;
+      if (blk->bottleneck) {
+        blk->conv3 = blk->replace_module("conv3", folded_conv(*blk->conv3, *blk->bn3));
+        ++n;
+      }
+      if (blk->downsample) {
+        auto c = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(blk->downsample->ptr(0));
+        auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(blk->downsample->ptr(1));
+        blk->ds_conv = blk->downsample->replace_module("0", folded_conv(*c, *bn));
+        ++n;
+      }
+      blk->folded = true;
+    }
+  }
+  folded_ = true;
+  return n;
 }
 
 namespace {

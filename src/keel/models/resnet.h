@@ -37,6 +37,8 @@ struct ResBlockImpl : torch::nn::Module {
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential downsample{nullptr};
+  bool folded = false;  // BatchNorms folded into the convs (fold_batchnorm): forward skips them
+  torch::nn::Conv2d ds_conv{nullptr};  // once folded: downsample.0, the conv with the BatchNorm in it
 };
 TORCH_MODULE(ResBlock);
 
@@ -45,12 +47,21 @@ struct ResNet : Net {
   explicit ResNet(const ResNetOptions& o);
   at::Tensor forward(at::Tensor x) override;
   double macs_per_image(int64_t height, int64_t width) const override;
+  // Eval-time conv-BatchNorm folding: each BatchNorm's running statistics and affine parameters go into the
+  // weight and (new) bias of the conv before it, and the forward skips the BatchNorms. For inference only:
+  // the model must be in eval mode, its state dict gains conv biases, and training it afterwards is refused.
+  // Returns the number of BatchNorms folded (0 when already folded).
+  int64_t fold_batchnorm();
+  bool folded() const { return folded_; }
 
   ResNetOptions opts;
   torch::nn::Conv2d conv1{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr};
   std::vector<torch::nn::Sequential> stages;
   torch::nn::Linear fc{nullptr};
+
+ private:
+  bool folded_ = false;
 };
 
 // Runs `stage` on x with activation checkpointing: the forward keeps no activations of the stage;

@@ -2,6 +2,7 @@
 // pickle_load aborts on their collections.OrderedDict), a writer on torch::jit::pickle_save,
 // and name-based transfer between state dicts and modules.
 #include "keel/models/state_dict.h"
+#include "keel/models/net.h"
 
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/pickle.h>
@@ -554,7 +555,12 @@ StateDict state_dict_of(const torch::nn::Module& m) {
   return out;
 }
 
-void load_state_dict(torch::nn::Module& m, const StateDict& sd) {
+void load_state_dict(torch::nn::Module& m, const StateDict& sd_in) {
+  // A model may first rewrite a state dict saved with other settings (a ViT's position embeddings for
+  // another image size); the strict checks below then see the adapted shapes.
+  StateDict adapted;
+  if (const auto* net = dynamic_cast<const Net*>(&m)) adapted = net->adapt_state_dict(sd_in);
+  const StateDict& sd = adapted.empty() ? sd_in : adapted;
   StateDict dst;
   collect(m, "", /*detach=*/false, dst);
   std::unordered_map<std::string, const at::Tensor*> src;

@@ -1,6 +1,7 @@
 // Training loop: data -> device augmentation -> forward/backward -> optimizer -> schedule, with
 // the loss read back from the device only every train.log_every steps.
 #include "keel/train/trainer.h"
+#include "keel/train/model_spec.h"
 
 #include <algorithm>
 #include <chrono>
@@ -235,7 +236,7 @@ std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, boo
 
 models::NetPtr make_model(const config::Config& cfg) {
   torch::manual_seed(static_cast<uint64_t>(cfg.run.seed));
-  auto model = models::create({cfg.model.name, cfg.model.in_channels, cfg.model.num_classes, cfg.model.checkpoint_stages});
+  auto model = models::create(model_spec(cfg));
   if (!cfg.model.weights.empty()) {
     models::load_state_dict(*model, models::read_state_dict(cfg.model.weights));
   }
@@ -504,7 +505,7 @@ FitResult Trainer::fit(const std::string& resume) {
 
   std::unique_ptr<Ema> ema;
   if (cfg_.ema.enabled) {
-    models::NetPtr shadow = models::create({cfg_.model.name, cfg_.model.in_channels, cfg_.model.num_classes});
+    models::NetPtr shadow = models::create(model_spec(cfg_));
     shadow->to(device_);
     if (tc.channels_last) model_to_channels_last(*shadow);
     ema = std::make_unique<Ema>(shadow, *model_, cfg_.ema.decay);

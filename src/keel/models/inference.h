@@ -1,0 +1,35 @@
+// Inference optimisations, each switchable: inference mode, conv-BatchNorm folding (ResNets), channels_last,
+// bf16 autocast. `keel bench infer` measures them one by one; tests/models/test_inference.cpp checks each one's
+// numerics. (Intra-op thread count is the caller's: train::configure_threads.)
+#pragma once
+#include <string>
+#include "keel/models/net.h"
+
+namespace keel::models {
+
+struct InferenceOptions {
+  bool inference_mode = true;      // c10::InferenceMode (tensors carry no autograd state) instead of NoGradGuard
+  bool fold_bn = true;             // fold eval BatchNorms into the preceding convs (ResNets; a no-op for ViTs)
+  bool channels_last = true;       // NHWC weights and inputs (oneDNN's native conv layout)
+  std::string precision = "fp32";  // fp32 | bf16 (autocast; CPU and CUDA) | fp16 (autocast; CUDA only)
+  // With bf16: the conv and linear weights are cast to bf16 once, when the model is prepared, instead of by
+  // autocast in every forward (which re-reads every fp32 weight per call: at batch 1 that traffic is much of the
+  // time). Norm parameters, biases, class token and position embeddings stay fp32.
+  bool bf16_weights = false;
+
+  // "plain" (all off, fp32) or '+'-joined switches: im, fold, cl, bf16, bf16w (bf16 + bf16_weights), fp16
+  // (e.g. "im+fold+cl+bf16w").
+  std::string label() const;
+  // Parses a label as above; throws std::invalid_argument naming the unknown switch and the known ones.
+  static InferenceOptions parse(const std::string& label);
+};
+
+// Prepares `m` in place: eval mode, then BN folding and channels_last weights as `o` asks. Returns the number of
+// BatchNorms folded. A folded model keeps its folding (and refuses to train); prepare a fresh copy per setting.
+int64_t prepare_for_inference(Net& m, const InferenceOptions& o);
+
+// One forward pass of x (N, C, H, W) under o's autograd mode and precision -> float logits (N, K). The input
+// is converted to channels_last when o asks.
+at::Tensor infer(Net& m, const at::Tensor& x, const InferenceOptions& o);
+
+}  // namespace keel::models
