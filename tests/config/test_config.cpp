@@ -103,7 +103,7 @@ TEST(Config, SyntaxErrorNamesFileAndLine) {
   EXPECT_THAT(msg, HasSubstr("bad.toml:2"));
 }
 
-// toml++ 3.3.0 reached __builtin_unreachable on these (fuzz/known/, fuzz/README.md); keel compiles it with
+// toml++ 3.3.0 reached __builtin_unreachable on these (fuzz/regressions/config/, fuzz/README.md); keel compiles it with
 // upstream's fix (CMakeLists.txt, keel_toml): a syntax error naming the file and line, or, in a string
 // value, an ordinary value. The asan label runs this under UndefinedBehaviorSanitizer.
 TEST(Config, NonAsciiCharactersAreSyntaxErrorsOrStringContent) {
