@@ -296,7 +296,7 @@ TEST(StateDict, DamagedPicklesAreRefusedSafely) {
   ASSERT_EQ(sd.size(), 1u);
   EXPECT_EQ(sd[0].second.sizes(), at::IntArrayRef({4}));
   // A list that contains itself (memo + APPEND): was a shared_ptr cycle, leaked on the error.
-  expect_error([&] { read("cycle.pt", zip_with_pickle("\x80\x02]q\x00h\x00a."s)); },
+  expect_error([&] { read("cycle.pt", zip_with_pickle("\x80\x02]q\x00h\x00" "a."s)); },  // "\x00a" would be one hex escape
                {dir / "cycle.pt", "list", "expected a dict"});
   // numel * element size beyond 64 bits: the size check wrapped around and allocated 2^62 floats.
   expect_error([&] { read("numel.pt", zip_with_pickle(one_tensor_pickle(int64_t{1} << 62, 1, 1))); },
