@@ -103,6 +103,30 @@ TEST(Config, SyntaxErrorNamesFileAndLine) {
   EXPECT_THAT(msg, HasSubstr("bad.toml:2"));
 }
 
+// toml++ 3.3.0 reached __builtin_unreachable on these (fuzz/regressions/config/, fuzz/README.md); keel compiles it with
+// upstream's fix (CMakeLists.txt, keel_toml): a syntax error naming the file and line, or, in a string
+// value, an ordinary value. The asan label runs this under UndefinedBehaviorSanitizer.
+TEST(Config, NonAsciiCharactersAreSyntaxErrorsOrStringContent) {
+  for (const char* bytes : {"\xCD\x8A", "\xC6\xA0oltn]\xCD\x8A", "[run]\n\"\xC3\xA9\" = 1\n",
+                            "[run]\nname = \"x\"\xC6\xA0\n", "[run]\nname = \"\"\"\\\n\xC2\xA7\"\"\"\n"}) {
+    std::string text = bytes;
+    std::string msg;
+    try {
+      keel::config::parse(text, "utf8.toml");
+    } catch (const ConfigError& e) {
+      msg = e.what();
+    }
+    if (text.find("\"\"\"") == std::string::npos) {
+      EXPECT_THAT(msg, HasSubstr("utf8.toml")) << text;
+    } else {
+      EXPECT_EQ(msg, "") << text;  // a line-ending backslash, then U+00A7: toml++ issue #190's case
+    }
+  }
+  // Non-ASCII inside string values and comments is fine.
+  Config c = keel::config::parse("# caf\xC3\xA9 \xCD\x8A\n[run]\nname = \"caf\xC3\xA9-\xC6\xA0\"\n", "utf8.toml");
+  EXPECT_EQ(c.run.name, "caf\xC3\xA9-\xC6\xA0");
+}
+
 TEST(Config, ResolvedTomlRoundTripsEveryValue) {
   Config c = keel::config::parse("", "t.toml", {"train.epochs=9", "data.std=[0.25]", "model.weights=/a/b.pt"});
   std::string text = keel::config::to_toml(c);

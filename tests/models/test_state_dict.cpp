@@ -2,6 +2,7 @@
 // strict load_state_dict errors, and golden logits of torchvision ResNets loaded into keel's.
 #include "keel/models/state_dict.h"
 
+#include <caffe2/serialize/inline_container.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -238,6 +239,81 @@ TEST(StateDict, BadFilesThrowNamingThePath) {
     std::ofstream(truncated, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(keep));
     expect_error([&] { keel::models::read_state_dict(truncated); }, {truncated});
   }
+}
+
+using namespace std::string_literals;
+
+namespace {
+
+// A torch.save-style zip holding `pickle` as data.pkl, "little" as byteorder and one storage data/0
+// of `storage_bytes` bytes: damaged pickle programs without Python.
+std::string zip_with_pickle(const std::string& pickle, size_t storage_bytes = 64) {
+  std::string out;
+  caffe2::serialize::PyTorchStreamWriter writer([&out](const void* p, size_t n) {
+    out.append(static_cast<const char*>(p), n);
+    return n;
+  });
+  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+  writer.writeRecord("byteorder", "little", 6);
+  const std::string storage(storage_bytes, '\x01');
+  writer.writeRecord("data/0", storage.data(), storage.size());
+  writer.writeEndOfFile();
+  return out;
+}
+
+std::string bin_unicode(const std::string& s) {  // pickle BINUNICODE
+  std::string out = "X";
+  for (int k = 0; k < 4; ++k) out += static_cast<char>((s.size() >> (8 * k)) & 0xff);
+  return out + s;
+}
+
+std::string long1(int64_t v) {  // pickle LONG1 of 8 bytes
+  std::string out = "\x8a\x08"s;
+  for (int k = 0; k < 8; ++k) out += static_cast<char>((static_cast<uint64_t>(v) >> (8 * k)) & 0xff);
+  return out;
+}
+
+// {'w': _rebuild_tensor_v2(<FloatStorage '0' of numel>, 0, (size,), (stride,), False, {})}
+std::string one_tensor_pickle(int64_t numel, int64_t size, int64_t stride) {
+  return std::string("\x80\x02}") + bin_unicode("w") + "ctorch._utils\n_rebuild_tensor_v2\n((" +
+         bin_unicode("storage") + "ctorch\nFloatStorage\n" + bin_unicode("0") + bin_unicode("cpu") + long1(numel) +
+         "tQK\x00"s + long1(size) + "\x85" + long1(stride) + "\x85\x89}tRs.";
+}
+
+}  // namespace
+
+// Found by fuzz_checkpoint's review (fuzz/README.md): damaged files that the reader must refuse with a
+// std::runtime_error naming the file, without reading out of bounds, overflowing or leaking.
+TEST(StateDict, DamagedPicklesAreRefusedSafely) {
+  TempDir dir("damaged");
+  auto read = [&](const std::string& name, const std::string& zip) {
+    const std::string path = dir / name;
+    std::ofstream(path, std::ios::binary).write(zip.data(), static_cast<std::streamsize>(zip.size()));
+    return keel::models::read_state_dict(path);
+  };
+  // The well-formed program reads (16 floats in a 64-byte storage).
+  auto sd = read("ok.pt", zip_with_pickle(one_tensor_pickle(16, 4, 2)));
+  ASSERT_EQ(sd.size(), 1u);
+  EXPECT_EQ(sd[0].second.sizes(), at::IntArrayRef({4}));
+  // A list that contains itself (memo + APPEND): was a shared_ptr cycle, leaked on the error.
+  expect_error([&] { read("cycle.pt", zip_with_pickle("\x80\x02]q\x00h\x00" "a."s)); },  // "\x00a" would be one hex escape
+               {dir / "cycle.pt", "list", "expected a dict"});
+  // numel * element size beyond 64 bits: the size check wrapped around and allocated 2^62 floats.
+  expect_error([&] { read("numel.pt", zip_with_pickle(one_tensor_pickle(int64_t{1} << 62, 1, 1))); },
+               {dir / "numel.pt", "data/0", "has 64 bytes"});
+  // (size - 1) * stride beyond int64: the bound check overflowed (undefined) and let a view reach past
+  // its storage.
+  expect_error([&] { read("view.pt", zip_with_pickle(one_tensor_pickle(16, 3, int64_t{1} << 62))); },
+               {dir / "view.pt", "beyond int64"});
+  // A record failing its CRC-32: LibTorch's c10::Error escaped instead of a std::runtime_error.
+  std::string zip = zip_with_pickle(one_tensor_pickle(16, 4, 2));
+  const size_t at = zip.find("little");
+  ASSERT_NE(at, std::string::npos);
+  zip[at] = 'b';
+  expect_error([&] { read("crc.pt", zip); }, {dir / "crc.pt"});
+  // The in-memory reader (the fuzz target's) behaves as the file reader.
+  EXPECT_THROW(keel::models::read_state_dict_bytes(zip, "crc bytes"), std::runtime_error);
+  EXPECT_EQ(keel::models::read_state_dict_bytes(zip_with_pickle(one_tensor_pickle(16, 4, 2)), "ok").size(), 1u);
 }
 
 TEST(StateDict, UnsupportedContentIsNamed) {

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -18,6 +19,7 @@
 #include <new>
 #include <stdexcept>
 #include <type_traits>
+#include <unordered_set>
 
 #include "keel/compat/torch_compat.h"
 #include "keel/memory/budget.h"
@@ -29,8 +31,9 @@ namespace {
 // x86-64 Linux), so the user pointer keeps the wrapped allocator's alignment.
 constexpr size_t kHeaderBytes = 64;
 
-// Bookkeeping for one block, stored in the header. `magic` is tied to the block's address so a
-// pointer that did not come from this wrapper (or a double free) is recognised.
+// Bookkeeping for one block, stored in the header. Whether a pointer came from this wrapper is
+// decided by the owned-pointer set below; `magic`, tied to the block's address, then checks that the
+// header was not overwritten.
 struct BlockHeader {
   uint64_t magic;                // kMagic ^ address of the user bytes; cleared on free
   uint64_t size;                 // user bytes requested (what the counters hold)
@@ -65,6 +68,36 @@ BlockHeader* header_of(void* user) {
 
 uint64_t magic_for(const void* user) { return kMagic ^ reinterpret_cast<uint64_t>(user); }
 
+// The user pointers of the live blocks this wrapper handed out, sharded by address so that the lock
+// taken once per allocation and once per free is rarely contended (~0.1 us each). free_block asks it
+// whether a pointer is ours instead of reading the header bytes before the pointer: for a foreign
+// block (a raw oneDNN block of the wrapped allocator) those bytes lie outside the block, a read out of
+// bounds that AddressSanitizer reported (CpuAllocator.RawBlockFromTheWrappedAllocatorIsHandedBack,
+// tests/sanitizers/README.md). Never destroyed: tensors may be freed during static destruction.
+struct OwnedShard {
+  std::mutex m;
+  std::unordered_set<const void*> live;
+};
+constexpr size_t kOwnedShards = 64;
+
+OwnedShard& owned_shard(const void* user) {
+  static OwnedShard* shards = new OwnedShard[kOwnedShards];
+  return shards[(reinterpret_cast<uintptr_t>(user) / kHeaderBytes) % kOwnedShards];
+}
+
+void remember_owned(const void* user) {
+  OwnedShard& sh = owned_shard(user);
+  std::lock_guard<std::mutex> lock(sh.m);
+  sh.live.insert(user);
+}
+
+// True (and forgotten) when `user` is a live block of this wrapper.
+bool forget_owned(const void* user) {
+  OwnedShard& sh = owned_shard(user);
+  std::lock_guard<std::mutex> lock(sh.m);
+  return sh.live.erase(user) == 1;
+}
+
 // Raises `peak` to at least `value`.
 void raise_peak(int64_t value) {
   auto& peak = state().peak;
@@ -77,8 +110,7 @@ void raise_peak(int64_t value) {
 // raw_deleter). Must not throw: it runs in destructors.
 void free_block(void* user) {
   if (user == nullptr) return;
-  BlockHeader* h = header_of(user);
-  if (h->magic != magic_for(user)) {
+  if (!forget_owned(user)) {
     // Not ours: a raw (oneDNN) block allocated by the wrapped allocator before install and freed
     // through GetCPUAllocator()->raw_deallocate after it. Hand it back to its owner.
     c10::Allocator* wrapped = state().wrapped.load();
@@ -89,6 +121,11 @@ void free_block(void* user) {
     }
     d(user);
     return;
+  }
+  BlockHeader* h = header_of(user);
+  if (h->magic != magic_for(user)) {
+    std::fprintf(stderr, "keel::memory: the header of block %p was overwritten\n", user);
+    std::abort();
   }
   const int64_t size = static_cast<int64_t>(h->size);
   void* ctx = h->inner_context;
@@ -156,6 +193,7 @@ struct BudgetAllocator final : compat::CpuAllocatorBase {
     h->inner_context = inner.release_context();
     h->size = static_cast<uint64_t>(n);
     h->magic = magic_for(user);
+    remember_owned(user);
     raise_peak(cur + want);  // only blocks that exist count towards the peak
     s.allocations.fetch_add(1, std::memory_order_relaxed);
     s.live_blocks.fetch_add(1, std::memory_order_relaxed);

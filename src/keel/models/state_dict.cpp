@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -25,10 +26,12 @@
 namespace keel::models {
 namespace {
 
-// One unpickled Python object of the subset a state dict uses; containers are shared so that
-// memoised references see later SETITEMS/APPENDS, as in Python.
+// One unpickled Python object of the subset a state dict uses. Every Value is owned by the
+// Unpickler's arena and referenced by plain pointers, so that memoised references see later
+// SETITEMS/APPENDS, as in Python, and a container that holds itself (a memo cycle, which a damaged
+// file can build) neither leaks nor recurses when freed.
 struct Value;
-using ValuePtr = std::shared_ptr<Value>;
+using ValuePtr = Value*;
 
 struct Value {
   enum class Kind { kNone, kBool, kInt, kFloat, kString, kTuple, kList, kDict, kGlobal, kStorage, kTensor };
@@ -57,12 +60,6 @@ const char* kind_name(Value::Kind k) {
     case Value::Kind::kTensor: return "tensor";
   }
   return "?";
-}
-
-ValuePtr make(Value::Kind k) {
-  auto v = std::make_shared<Value>();
-  v->kind = k;
-  return v;
 }
 
 // Element type of a legacy typed storage class ("torch.FloatStorage"); nullopt if not one.
@@ -118,10 +115,12 @@ class StorageLoader {
       throw std::runtime_error("read_state_dict: " + path_ + ": cannot read record '" + record +
                                "': " + e.what_without_backtrace());
     }
-    const size_t need = static_cast<size_t>(numel) * c10::elementSize(dtype);
+    const size_t element = c10::elementSize(dtype);
+    const size_t need = static_cast<uint64_t>(numel) <= bytes / element ? static_cast<size_t>(numel) * element : SIZE_MAX;
     if (bytes < need)
       throw std::runtime_error("read_state_dict: " + path_ + ": record '" + record + "' has " +
-                               std::to_string(bytes) + " bytes; expected " + std::to_string(need) + " (" +
+                               std::to_string(bytes) + " bytes; expected " +
+                               (need == SIZE_MAX ? std::string("more") : std::to_string(need)) + " (" +
                                std::to_string(numel) + " x " + c10::toString(dtype) + ")");
     at::Tensor t = at::empty({numel}, at::TensorOptions().dtype(dtype));
     if (need > 0) std::memcpy(t.data_ptr(), data.get(), need);
@@ -198,6 +197,12 @@ class Unpickler {
   }
 
  private:
+  ValuePtr make(Value::Kind k) {
+    arena_.push_back(std::make_unique<Value>());
+    arena_.back()->kind = k;
+    return arena_.back().get();
+  }
+
   [[noreturn]] void fail(const std::string& what) const {
     std::ostringstream os;
     os << "read_state_dict: " << path_ << ": data.pkl offset " << op_pos_ << " (opcode 0x" << std::hex
@@ -351,12 +356,17 @@ class Unpickler {
     if (size.size() != stride.size())
       fail("_rebuild_tensor_v2 size has " + std::to_string(size.size()) + " dims but stride has " + std::to_string(stride.size()));
     bool empty = false;
+    bool overflow = false;
     int64_t last = offset;  // largest element index the view touches
     for (size_t d = 0; d < size.size(); ++d) {
       if (size[d] < 0 || stride[d] < 0) fail("_rebuild_tensor_v2 negative size or stride");
+      int64_t reach = 0;
       if (size[d] == 0) empty = true;
-      else last += (size[d] - 1) * stride[d];
+      else overflow |= __builtin_mul_overflow(size[d] - 1, stride[d], &reach) || __builtin_add_overflow(last, reach, &last);
     }
+    if (!empty && overflow)
+      fail("tensor view (offset " + std::to_string(offset) + ", size " + c10::str(c10::IntArrayRef(size)) + ", stride " +
+           c10::str(c10::IntArrayRef(stride)) + ") reaches beyond int64 elements; expected a view inside its storage");
     if (!empty && last >= storage.numel())
       fail("tensor view (offset " + std::to_string(offset) + ", size " + c10::str(c10::IntArrayRef(size)) + ", stride " +
            c10::str(c10::IntArrayRef(stride)) + ") reaches element " + std::to_string(last) + " of a storage of " +
@@ -441,6 +451,7 @@ class Unpickler {
   std::vector<ValuePtr> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint32_t, ValuePtr> memo_;
+  std::vector<std::unique_ptr<Value>> arena_;  // owns every Value made
 };
 
 // Appends m's own parameters and buffers, then its children's, as Python's state_dict() does.
@@ -456,19 +467,11 @@ std::string errno_text() { return std::strerror(errno); }
 
 }  // namespace
 
-StateDict read_state_dict(const std::string& path) {
-  {
-    std::ifstream probe(path, std::ios::binary);
-    if (!probe) throw std::runtime_error("read_state_dict: cannot open " + path + ": " + errno_text());
-  }
-  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
-  try {
-    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error("read_state_dict: " + path +
-                             " is not a readable torch.save() zip archive (expected the format torch.save "
-                             "writes since PyTorch 1.6): " + e.what_without_backtrace());
-  }
+namespace {
+
+// The reader proper, on an open archive; `path` names it in messages.
+StateDict read_archive(const std::string& path, caffe2::serialize::PyTorchStreamReader& archive) {
+  caffe2::serialize::PyTorchStreamReader* reader = &archive;
   if (reader->hasRecord("byteorder")) {
     auto [ptr, n] = reader->getRecord("byteorder");
     std::string order(static_cast<const char*>(ptr.get()), n);
@@ -502,6 +505,46 @@ StateDict read_state_dict(const std::string& path) {
     out.emplace_back(k->s, v->t);
   }
   return out;
+}
+
+
+// read_archive, with LibTorch's own errors (a record failing its CRC-32, a zip entry that does not
+// inflate, a view LibTorch refuses) turned into std::runtime_error naming the file, as promised.
+StateDict read_archive_checked(const std::string& path, caffe2::serialize::PyTorchStreamReader& reader) {
+  try {
+    return read_archive(path, reader);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error("read_state_dict: " + path + ": " + e.what_without_backtrace());
+  }
+}
+
+std::unique_ptr<caffe2::serialize::PyTorchStreamReader> open_archive(const std::string& path,
+                                                                     std::istream* in) {
+  try {
+    return in ? std::make_unique<caffe2::serialize::PyTorchStreamReader>(in)
+              : std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error("read_state_dict: " + path +
+                             " is not a readable torch.save() zip archive (expected the format torch.save "
+                             "writes since PyTorch 1.6): " + e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+StateDict read_state_dict(const std::string& path) {
+  {
+    std::ifstream probe(path, std::ios::binary);
+    if (!probe) throw std::runtime_error("read_state_dict: cannot open " + path + ": " + errno_text());
+  }
+  auto reader = open_archive(path, nullptr);
+  return read_archive_checked(path, *reader);
+}
+
+StateDict read_state_dict_bytes(const std::string& bytes, const std::string& name) {
+  std::istringstream in(bytes, std::ios::binary);
+  auto reader = open_archive(name, &in);
+  return read_archive_checked(name, *reader);
 }
 
 void write_state_dict(const StateDict& sd, const std::string& path) {

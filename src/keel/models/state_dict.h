@@ -17,6 +17,10 @@ using StateDict = std::vector<std::pair<std::string, at::Tensor>>;
 // one here. Throws std::runtime_error naming the path on any file, format or content problem.
 StateDict read_state_dict(const std::string& path);
 
+// The same reader on the bytes of such a file held in memory; `name` stands for the path in messages
+// (the checkpoint fuzz target, fuzz/fuzz_checkpoint.cpp, feeds it).
+StateDict read_state_dict_bytes(const std::string& bytes, const std::string& name);
+
 // Writes `sd` as a plain dict of CPU tensors that Python's torch.load() and read_state_dict()
 // read. Atomic: writes `path + ".tmp"`, fsyncs, then renames over `path`.
 void write_state_dict(const StateDict& sd, const std::string& path);
