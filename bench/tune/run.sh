@@ -30,7 +30,7 @@ for c in $cases; do
       if [ "${TRAIN_TUNED:-1}" = 1 ]; then
         "$keel" train "$out/bad.tuned.toml" --set 'run.name="tuned-full"' --json >"$out/bad-tuned-train.log" 2>&1
         echo "tuned config trained: exit $? $(tail -1 "$out/bad-tuned-train.log" | /usr/bin/python3 -c \
-          'import json,sys; j=json.load(sys.stdin); print("test top-1 %.2f%%, %.0f img/s" % (100*j["test"]["top1"], j["images_per_second"]))')"
+          'import json,sys; j=json.load(sys.stdin); print("test top-1 %.2f%%, %.0f img/s" % (100*j["test_top1"], j["images_per_second"]))')"
       fi ;;
     resnet50)
       cat >"$out/resnet50.toml" <<TOML
