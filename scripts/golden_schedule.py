@@ -13,17 +13,22 @@ def sgd():
     return torch.optim.SGD([p], lr=1.0)
 
 
+def lrs(opt, sched, total):
+    """The lr before each of `total` optimizer steps, the scheduler stepped after each."""
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def onecycle(total, pct, start, final):
     """OneCycleLR's lr before each of `total` steps."""
     opt = sgd()
     s = S.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=pct, div_factor=1.0 / start,
                      final_div_factor=start / final, anneal_strategy="cos", cycle_momentum=False)
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        s.step()
-    return out
+    return lrs(opt, s, total)
 
 
 def warmup_cosine(total, warmup, start, final):
@@ -31,24 +36,14 @@ def warmup_cosine(total, warmup, start, final):
     opt = sgd()
     s = S.SequentialLR(opt, [S.LinearLR(opt, start_factor=start, end_factor=1.0, total_iters=warmup),
                              S.CosineAnnealingLR(opt, T_max=total - 1 - warmup, eta_min=final)], milestones=[warmup])
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        s.step()
-    return out
+    return lrs(opt, s, total)
 
 
 def per_step_chained(total, make):
     """Schedulers stepped every optimizer step through ChainedScheduler (keel's interval = "step")."""
     opt = sgd()
     s = S.ChainedScheduler(make(opt))
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        s.step()
-    return out
+    return lrs(opt, s, total)
 
 
 def per_epoch(epochs, steps_per_epoch, warmup_steps, start, make, metrics=None):
