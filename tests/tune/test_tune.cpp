@@ -167,6 +167,27 @@ TEST(Tune, GainsBelowTheNoiseGuardAndFailedTrialsAreNotTaken) {
   EXPECT_TRUE(std::any_of(r.trials.begin(), r.trials.end(), [](const Trial& t) { return !t.error.empty(); }));
 }
 
+TEST(Tune, AGainThatDoesNotHoldWhenReMeasuredIsNotKept) {
+  Recorded m;
+  // 2 workers look 10% faster in the search, but not in the final alternated re-measurement.
+  int finals = 0;
+  m.ips = [&](const Settings& s) {
+    const bool final_phase = !m.calls.empty() && m.calls.back().second == "final";
+    if (final_phase) ++finals;
+    return s.workers == 2 && !final_phase ? 110.0 : 100.0;
+  };
+  Settings start = bad_start();
+  start.micro_batch = 0;
+  Search search(options(), m.fn(), m.clock());
+  SearchResult r = search.run(start);
+  EXPECT_GT(finals, 0) << "it was re-measured";
+  EXPECT_EQ(r.best, start);
+  EXPECT_TRUE(r.adopted.empty());
+  EXPECT_NEAR(r.speedup(), 1.0, 1e-12);
+  EXPECT_THAT(r.note, HasSubstr("did not hold"));
+  EXPECT_TRUE(tuned_changes(r).empty());
+}
+
 TEST(Tune, StopsWithinTheTimeBudgetLeavingRoomToReMeasure) {
   Recorded m;
   m.ips = [](const Settings& s) { return 100.0 + 10.0 * static_cast<double>(s.workers + s.prefetch + s.threads); };

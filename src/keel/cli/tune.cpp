@@ -133,6 +133,7 @@ Runner add_tune(CLI::App& app) {
                "re-measurements)\n",
                r.start_images_per_second, r.best_images_per_second, r.speedup(),
                r.best == r.start ? 1 : o.remeasure_repeats);
+    if (!r.note.empty()) fmt::print("keel tune: {}\n", r.note);
     if (changes.empty()) fmt::print("keel tune: no change was faster by more than {:.0f}%\n", 100 * o.min_gain);
     for (const auto& c : changes) fmt::print("  {} = {}  ({})\n", c.key, c.value, c.comment);
     fmt::print("keel tune: wrote {} and {}/tune.json\n", out_path, dir);

@@ -116,7 +116,7 @@ nlohmann::json Trial::to_json() const {
 nlohmann::json SearchResult::to_json() const {
   nlohmann::json t = nlohmann::json::array();
   for (const auto& x : trials) t.push_back(x.to_json());
-  return {{"start", start.to_json()}, {"best", best.to_json()},
+  return {{"start", start.to_json()}, {"best", best.to_json()}, {"note", note},
           {"start_images_per_second", start_images_per_second}, {"best_images_per_second", best_images_per_second},
           {"speedup", speedup()}, {"trials", t}};
 }
@@ -303,6 +303,16 @@ SearchResult Search::run(const Settings& start) {
   r.best_images_per_second = median(b_ips);
   r.trials = trials_;
   r.adopted = adopted;
+  // The search's gain must hold when re-measured next to the start; otherwise it was noise and the
+  // start settings are kept (the tuned config is then never slower than the input).
+  if (!(best == start) && !(r.best_images_per_second > r.start_images_per_second * (1 + o_.min_gain))) {
+    r.note = fmt::format("re-measured, the search's best ({}) ran {:.1f} img/s against the start's {:.1f}: its gain "
+                         "did not hold (> {:.0f}% needed), so the start settings are kept",
+                         best.str(), r.best_images_per_second, r.start_images_per_second, 100 * o_.min_gain);
+    r.best = start;
+    r.adopted.clear();
+    r.best_images_per_second = r.start_images_per_second;
+  }
   return r;
 }
 

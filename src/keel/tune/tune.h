@@ -69,6 +69,7 @@ struct SearchResult {
   std::vector<size_t> adopted;     // indices of the trials that became the best, in order
   Settings start, best;
   double start_images_per_second = 0, best_images_per_second = 0;  // medians of the re-measurement
+  std::string note;                // e.g. why the search's best was not kept
   double speedup() const { return start_images_per_second > 0 ? best_images_per_second / start_images_per_second : 0; }
   nlohmann::json to_json() const;
   std::string table() const;       // the trials as a text table
