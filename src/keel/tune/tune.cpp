@@ -134,11 +134,12 @@ std::string SearchResult::table() const {
   return out;
 }
 
-std::vector<std::string> group_order(const Trial& t) {
+std::vector<std::string> group_order(const Trial& t, int64_t batch_size) {
   std::vector<std::string> order;
   auto add = [&](const std::string& g) {
     if (std::find(order.begin(), order.end(), g) == order.end()) order.push_back(g);
   };
+  if (t.resolved_micro_batch > 0 && t.resolved_micro_batch < batch_size) add("memory");
   if (has_rule(t, "input-bound") || has_rule(t, "h2d-bound")) add("data");
   // Memory-bound: the micro-batch and checkpointing. Low utilisation (kernels too small for the
   // device): a larger micro-batch first, when there is one to take.
@@ -256,7 +257,7 @@ SearchResult Search::run(const Settings& start) {
   bool improved = true, out_of_time = false;
   while (improved && !out_of_time) {
     improved = false;
-    for (const std::string& g : group_order(best_trial)) {
+    for (const std::string& g : group_order(best_trial, o_.batch_size)) {
       // The group's candidates are derived from the best so far: after an adoption they are derived
       // again from the new best (the next untried one is always relative to the current best).
       for (;;) {

@@ -83,8 +83,9 @@ using ClockFn = std::function<double()>;  // seconds since the search began
 std::vector<Settings> candidates(const std::string& group, const Settings& best, const Trial& best_trial,
                                  const SearchOptions& o);
 
-// The order of the groups for a trial: the diagnosed bottleneck's group first.
-std::vector<std::string> group_order(const Trial& t);
+// The order of the groups for a trial: the diagnosed bottleneck's group first; a micro-batch below the
+// global batch (accumulation without memory pressure) puts the memory group first as well.
+std::vector<std::string> group_order(const Trial& t, int64_t batch_size);
 
 class Search {
  public:
