@@ -8,9 +8,7 @@ DEBIAN_BUILD ?= build-debian
 DEBIAN_TARGETS ?=
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
-# --repeat until-pass:2: a test that fails is run once more and the failure is still printed
-# (tsan.Loader.SkipModeReplacesAFailedSampleByTheNextInOrder failed once in ~20 runs, cause not found yet).
-CTEST = ctest --output-on-failure -j $(JOBS) --timeout 900 --repeat until-pass:2
+CTEST = ctest --output-on-failure -j $(JOBS) --timeout 900
 
 .PHONY: setup build run test clean build-debian test-debian check-cuda setup-peers
 
