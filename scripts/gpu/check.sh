@@ -12,7 +12,9 @@
 #      alternated, the same torch on both sides;
 #   5. out-of-memory recovery on CUDA: ResNet-50 at 224 px, batch 512, under memory.budget = 8GiB;
 #   6. `keel bench infer` ResNet-50 and ViT-S/16 on the GPU;
-#   7. `keel tune` with precision allowed, for what time is left.
+#   7. `keel tune` with precision allowed, for what time is left;
+#   8. the monitor's cost on CUDA (one device sync per step phase): the default recipe with it off and on.
+# KEEL_GPU_CHECKS="1 4 8" runs only those.
 # Everything is printed and kept under $OUT (default /tmp/keel-gpu): log.txt, JSON lines in results.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +22,8 @@ OUT=${OUT:-/tmp/keel-gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 DEADLINE=${KEEL_GPU_DEADLINE:-540}  # seconds from the start: later steps are skipped, or get what is left
+CHECKS=${KEEL_GPU_CHECKS:-1 2 3 4 5 6 7}  # which numbered checks run (e.g. "2 4 8" after a change)
+want() { [[ " $CHECKS " == *" $1 "* ]]; }
 T0=$SECONDS
 step() { echo; echo "=== [$((SECONDS - T0))s] $*"; }
 left() { echo $((DEADLINE - (SECONDS - T0))); }
@@ -71,8 +75,9 @@ cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$TORCH_CMAKE/T
   >"$OUT/cmake.txt" 2>&1 || { tail -40 "$OUT/cmake.txt"; exit 1; }
 grep -E '^-- keel' "$OUT/cmake.txt"
 
-step "build (keel, test_device)"
-box 300 ninja -C $B -k 0 keel test_device >"$OUT/build.txt" 2>&1
+TARGETS="keel"; want 1 && TARGETS="keel test_device"
+step "build ($TARGETS)"
+box 300 ninja -C $B -k 0 $TARGETS >"$OUT/build.txt" 2>&1
 rc=$?
 grep -E 'error|FAILED' "$OUT/build.txt" | head -40
 tail -3 "$OUT/build.txt"
@@ -80,9 +85,12 @@ tail -3 "$OUT/build.txt"
 K=$B/keel
 $K doctor 2>&1 | head -30
 
+if want 1; then
 step "1. CUDA unit tests (tests/device)"
 box 120 $B/test_device 2>&1 | grep -E '^\[ +(OK|FAILED|SKIPPED|PASSED) |Failure|error|Expected|Which is|skipped' | head -40
 
+fi
+if want 2; then
 step "2. default recipe on the GPU, fp16 + loss scaler"
 j=$(box 150 $K train configs/default.toml --set run.device=cuda --set train.precision=fp16 --set data.workers=4 \
       --set data.root=$D/usr/share/datasets/fashion-mnist --set run.name=gpu-fp16 --set run.dir=$R --json |
@@ -90,12 +98,16 @@ j=$(box 150 $K train configs/default.toml --set run.device=cuda --set train.prec
 grep -E '^(keel|epoch|advice|guard|memory)' "$OUT/train-fp16.txt" | head -20
 [ -n "$j" ] && result "default-recipe-fp16" "$j"
 
+fi
+if want 3; then
 step "3. ViT-Tiny on Fashion-MNIST: configs/vit_tiny_fashion_mnist.toml as documented (10 epochs, fp32)"
 j=$(box 200 $K train configs/vit_tiny_fashion_mnist.toml --set run.device=cuda --set data.workers=4 \
       --set data.root=$D/usr/share/datasets/fashion-mnist --set run.dir=$R --json | tee "$OUT/train-vit.txt" | tail -1)
 grep -E '^(keel|epoch|guard)' "$OUT/train-vit.txt" | head -20
 [ -n "$j" ] && result "vit-tiny-fmnist" "$j"
 
+fi
+if want 4; then
 step "4. training step, ResNet-50 224 px batch 128: keel vs PyTorch eager (torch $($PY -c 'import torch; print(torch.__version__)'))"
 for r in 1 2; do
   j=$(box 90 $K bench step --model resnet50 --size 224 --batch 128 --steps 20 --warmup 5 --repeats 1 \
@@ -106,6 +118,8 @@ for r in 1 2; do
   echo "peer r$r: $j"; [ -n "$j" ] && result "peer-step-r$r" "$j"
 done
 
+fi
+if want 5; then
 step "5. out-of-memory recovery on CUDA: ResNet-50 224 px, batch 512, memory.budget 8GiB"
 box 90 $K train configs/default.toml --set model.name=resnet50 --set model.in_channels=3 --set data.dataset=synthetic \
   --set data.image_size=224 --set data.synthetic_samples=4096 --set data.workers=4 --set 'data.mean=[0.5,0.5,0.5]' \
@@ -113,6 +127,8 @@ box 90 $K train configs/default.toml --set model.name=resnet50 --set model.in_ch
   --set memory.budget=8GiB --set run.device=cuda --set run.name=gpu-oom --set run.dir=$R 2>&1 |
   grep -v -E '^resnet50 step' | tail -25
 
+fi
+if want 6; then
 step "6. inference, ResNet-50 and ViT-S/16 on the GPU"
 for m in resnet50 vit_small_16; do
   j=$(box 90 $K bench infer --model $m --device cuda --settings plain,im+fold+cl,im+fold+cl+fp16,im+fold+cl+bf16 \
@@ -120,6 +136,8 @@ for m in resnet50 vit_small_16; do
   echo "$m: $j" | cut -c1-3000; [ -n "$j" ] && result "infer-$m" "$j"
 done
 
+fi
+if want 7; then
 step "7. keel tune, precision allowed (ResNet-50 128 px synthetic), $(left)s left"
 box 240 $K tune configs/default.toml --set model.name=resnet50 --set model.in_channels=3 --set data.dataset=synthetic \
   --set data.image_size=128 --set data.synthetic_samples=20000 --set 'data.mean=[0.5,0.5,0.5]' \
@@ -127,4 +145,14 @@ box 240 $K tune configs/default.toml --set model.name=resnet50 --set model.in_ch
   --set run.dir=$R --set 'tune.allow=["precision"]' --set tune.warmup_steps=3 --set tune.measure_steps=10 \
   --budget-minutes 3 --out "$OUT/tuned.toml" 2>&1 | tail -30
 cp $R/gpu-tune/tune/tune.json "$OUT/tune.json" 2>/dev/null
+fi
+if want 8; then
+step "8. monitor cost on CUDA (a device sync per phase): default recipe fp16, 1 epoch, monitor off / on / off / on"
+for m in false true false true; do
+  box 60 $K train configs/default.toml --set run.device=cuda --set train.precision=fp16 --set data.workers=4 \
+    --set data.root=$D/usr/share/datasets/fashion-mnist --set run.name=gpu-mon-$m --set run.dir=$R --set train.epochs=1 \
+    --set monitor.enabled=$m --json | tail -1 | $PY -c 'import json, sys; j = json.load(sys.stdin); print(
+      "monitor '$m': %.0f img/s, breakdown %s" % (j["images_per_second"], {k: round(v, 2) for k, v in j.get("breakdown_seconds", {}).items()}))'
+done
+fi
 step "done"
