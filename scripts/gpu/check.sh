@@ -152,7 +152,7 @@ for m in false true false true; do
   box 60 $K train configs/default.toml --set run.device=cuda --set train.precision=fp16 --set data.workers=4 \
     --set data.root=$D/usr/share/datasets/fashion-mnist --set run.name=gpu-mon-$m --set run.dir=$R --set train.epochs=1 \
     --set monitor.enabled=$m --json | tail -1 | $PY -c 'import json, sys; j = json.load(sys.stdin); print(
-      "monitor '$m': %.0f img/s, breakdown %s" % (j["images_per_second"], {k: round(v, 2) for k, v in j.get("breakdown_seconds", {}).items()}))'
+      "monitor '$m': wall %.2f s (fit, evaluation included), breakdown %s" % (j["wall_seconds"], {k: round(v, 2) for k, v in j.get("breakdown_seconds", {}).items()}))'
 done
 fi
 step "done"
