@@ -35,6 +35,13 @@ std::vector<at::Tensor> grads_of(const std::vector<at::Tensor>& params) {
   return g;
 }
 
+// LibTorch's step() prologue: the closure, if any, evaluated with autograd on (the update itself runs without).
+at::Tensor evaluate(const torch::optim::Optimizer::LossClosure& closure) {
+  if (closure == nullptr) return {};
+  at::AutoGradMode enable_grad(true);
+  return closure();
+}
+
 // torch::optim::SGD::step, per group: d = g (+ wd * p); buf = momentum * buf + (1 - dampening) * d (buf = d on
 // the first step); d = d + momentum * buf (nesterov) or buf; p -= lr * d.
 class ForeachSGD : public torch::optim::SGD {
@@ -43,11 +50,7 @@ class ForeachSGD : public torch::optim::SGD {
 
   at::Tensor step(LossClosure closure = nullptr) override {
     torch::NoGradGuard no_grad;
-    at::Tensor loss;
-    if (closure != nullptr) {
-      at::AutoGradMode enable_grad(true);
-      loss = closure();
-    }
+    const at::Tensor loss = evaluate(closure);
     for (auto& group : param_groups_) {
       auto& o = static_cast<torch::optim::SGDOptions&>(group.options());
       const std::vector<at::Tensor> params = with_grad(group);
@@ -101,11 +104,7 @@ class ForeachAdamW : public torch::optim::AdamW {
       }
     }
     torch::NoGradGuard no_grad;
-    at::Tensor loss;
-    if (closure != nullptr) {
-      at::AutoGradMode enable_grad(true);
-      loss = closure();
-    }
+    const at::Tensor loss = evaluate(closure);
     for (auto& group : param_groups_) {
       auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
       const std::vector<at::Tensor> params = with_grad(group);
