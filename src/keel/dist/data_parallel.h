@@ -22,6 +22,7 @@ namespace keel::dist {
 struct DataParallelOptions {
   double bucket_mb = 25.0;  // bucket cap in MiB (PyTorch DDP's default)
   bool overlap = true;      // false: every bucket is sent after backward (the baseline the bench compares to)
+  bool sync_bn = false;     // the model synchronises BatchNorm (out-of-memory replays cannot be agreed)
 };
 
 // Communication time of the run so far (rank-local wall clock).
@@ -48,6 +49,7 @@ class DataParallel : public train::StepSync {
   void finish_gradients() override;
   void abandon_gradients() override;
   void sum(at::Tensor& t, const char* what) override;
+  bool can_replay() const override { return !o_.sync_bn; }
 
   const CommStats& stats() const { return stats_; }
   const std::vector<std::vector<size_t>>& buckets() const { return tracker_.buckets(); }

@@ -20,7 +20,11 @@ struct SyncBatchNormFn : torch::autograd::Function<SyncBatchNormFn> {
     ctx->saved_data["comm"] = reinterpret_cast<int64_t>(comm);
     ctx->saved_data["count"] = count;
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    at::Tensor y = (xf - per_channel(mean)) * per_channel(invstd) * per_channel(w) + per_channel(b);
+    // In LibTorch's CPU kernel's form (batch_norm_cpu_transform_input): y = x * alpha + beta, alpha =
+    // invstd * w, beta = b - mean * alpha. The same rounding as one process keeps the outputs (and so the
+    // ReLU decisions after them) identical wherever the statistics are.
+    at::Tensor alpha = invstd * w, beta = b - mean * alpha;
+    at::Tensor y = xf * per_channel(alpha) + per_channel(beta);
     return y.to(x.scalar_type());
   }
 
@@ -31,15 +35,19 @@ struct SyncBatchNormFn : torch::autograd::Function<SyncBatchNormFn> {
     auto* comm = reinterpret_cast<Comm*>(ctx->saved_data["comm"].toInt());
     const double count = ctx->saved_data["count"].toDouble();
     at::Tensor dy = grad_out[0].to(at::kFloat);
-    at::Tensor xhat = (xf - per_channel(mean)) * per_channel(invstd);
-    at::Tensor sum_dy = dy.sum({0, 2, 3}), sum_dy_xhat = (dy * xhat).sum({0, 2, 3});
+    // LibTorch's CPU kernel's form (batch_norm_cpu_backward): per channel sum(dy) and
+    // dotp = sum((x - mean) * dy) accumulated in double; dx = ((dy - sum/N) - (x - mean) * dotp * invstd^2 / N)
+    // * invstd * w, with sum and dotp over every rank.
+    at::Tensor xc = xf - per_channel(mean);
+    at::Tensor sum_dy = dy.sum({0, 2, 3}, false, at::kDouble), dotp = (xc * dy).sum({0, 2, 3}, false, at::kDouble);
     // The parameter gradients stay local (the gradient all-reduce averages them like any other).
-    at::Tensor gw = sum_dy_xhat.clone(), gb = sum_dy.clone();
-    at::Tensor both = at::cat({sum_dy, sum_dy_xhat});
+    at::Tensor gw = (dotp * invstd).to(w.scalar_type()), gb = sum_dy.to(w.scalar_type());
+    at::Tensor both = at::cat({sum_dy, dotp});
     comm->allreduce(both, "all-reduce of synchronised BatchNorm gradient terms");
     const int64_t c = mean.size(0);
-    at::Tensor mean_dy = both.narrow(0, 0, c) / count, mean_dy_xhat = both.narrow(0, c, c) / count;
-    at::Tensor dx = (dy - per_channel(mean_dy) - xhat * per_channel(mean_dy_xhat)) * per_channel(invstd * w);
+    at::Tensor grad_mean = (both.narrow(0, 0, c) / count).to(at::kFloat);
+    at::Tensor k = (both.narrow(0, c, c) * invstd * invstd / count).to(at::kFloat);
+    at::Tensor dx = ((dy - per_channel(grad_mean)) - xc * per_channel(k)) * per_channel(invstd * w);
     return {dx.to(static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt())), gw, gb, at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
@@ -57,15 +65,18 @@ at::Tensor SyncBatchNorm::forward(torch::nn::BatchNorm2dImpl& bn, const at::Tens
   {
     torch::NoGradGuard ng;
     at::Tensor xf = x.detach().to(at::kFloat);
-    at::Tensor sums = at::cat({xf.sum({0, 2, 3}), at::full({1}, static_cast<double>(x.numel() / ch), xf.options())});
+    // Statistics accumulated in double (as LibTorch's CPU kernels do), applied in float.
+    const auto dd = xf.options().dtype(at::kDouble);
+    at::Tensor sums = at::cat({xf.sum({0, 2, 3}, false, at::kDouble), at::full({1}, static_cast<double>(x.numel() / ch), dd)});
     comm_.allreduce(sums, "all-reduce of synchronised BatchNorm sums");
     count = sums[ch].item<double>();
     TORCH_CHECK(count > 1, "synchronised BatchNorm: ", count, " values per channel over all ranks; need > 1");
-    mean = sums.narrow(0, 0, ch) / count;
-    at::Tensor sq = (xf - per_channel(mean)).square().sum({0, 2, 3});
+    at::Tensor mean_d = sums.narrow(0, 0, ch) / count;
+    mean = mean_d.to(at::kFloat);
+    at::Tensor sq = (xf.to(at::kDouble) - per_channel(mean_d)).square().sum({0, 2, 3});
     comm_.allreduce(sq, "all-reduce of synchronised BatchNorm variances");
-    var = sq / count;
-    invstd = (var + bn.options.eps()).rsqrt();
+    var = sq / count;  // double
+    invstd = (var + bn.options.eps()).rsqrt().to(at::kFloat);
     if (bn.options.track_running_stats()) {
       bn.num_batches_tracked += 1;
       const double m = bn.options.momentum() ? *bn.options.momentum()

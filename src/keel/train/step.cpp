@@ -216,6 +216,15 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       if (!o_.oom_recovery || !memory::is_out_of_memory(e)) throw;
       oom_message = e.what();
       oom_message = oom_message.substr(0, oom_message.find('\n'));
+      if (sync_ && !sync_->can_replay()) {
+        // The other ranks are inside synchronised BatchNorm collectives this rank will never issue: stop
+        // (they report this rank as gone) rather than feed them mismatched collectives.
+        throw std::runtime_error(fmt::format(
+            "out of memory on rank {} at step {} ({}) with model.sync_bn = true: the ranks cannot replay the step "
+            "together (this rank stopped mid-forward, inside the synchronised BatchNorm collectives). Set "
+            "train.micro_batch lower (or \"auto\"), or raise memory.budget", sync_->rank(), steps_ + 1,
+            oom_message));
+      }
       local_oom = true;
       if (sync_) sync_->abandon_gradients();
     }

@@ -19,6 +19,9 @@ class StepSync {
   // After a failed (out-of-memory) attempt: completes the step's bucket collectives with whatever is
   // there, so every rank has issued the same ones; the gradients are to be discarded.
   virtual void abandon_gradients() = 0;
+  // Whether a failed attempt can be replayed in lockstep. False with synchronised BatchNorm: a rank that
+  // fails mid-forward has issued only part of the forward's collectives, which no replay can match.
+  virtual bool can_replay() const = 0;
   // Blocking in-place sum over ranks (agreement flags, metric sums); t on the training device.
   virtual void sum(at::Tensor& t, const char* what) = 0;
 };

@@ -200,6 +200,7 @@ StepOptions step_options(const config::Config& c) {
   so.inject.steps = c.debug.inject_steps;
   so.inject.where = c.debug.inject_where;
   so.inject.oom_steps = c.debug.inject_oom_steps;
+  so.inject.oom_rank = c.debug.inject_oom_rank;
   return so;
 }
 
@@ -396,7 +397,7 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(std::string("data-parallel launch: ") + e.what());
   }
-  if (env.active()) {
+  if (!env.source.empty()) {  // a launcher started this process (also WORLD_SIZE=1: one rank, same code path)
     const int64_t w = env.world_size;
     const int64_t per_rank = cfg_.train.batch_size / w;
     if (cfg_.train.batch_size % w != 0) {
@@ -424,6 +425,11 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
     comm_ = dist::Comm::connect(env, co);
     rank_ = env.rank;
     world_ = env.world_size;
+    if (co.backend == "nccl" && (cfg_.run.device == "auto" || cfg_.run.device == "cuda")) {
+      // One GPU per rank: this machine's LOCAL_RANK-th (after the config agreement, which compares the
+      // configs as written).
+      cfg_.run.device = fmt::format("cuda:{}", env.local_rank);
+    }
     if (rank_ == 0) {
       fmt::print("keel: data-parallel, {} ranks ({} backend, {} store), global batch {} = {} x {} per rank{}\n", w,
                  co.backend, co.store, cfg_.train.batch_size, w, per_rank,
@@ -585,10 +591,11 @@ FitResult Trainer::fit(const std::string& resume) {
     eval_micro = plan.eval_micro_batch;
     if (comm_) {
       // Ranks plan on their own machines: all take the smallest micro-batch any of them found.
-      at::Tensor mb = at::zeros({2 * world_}, at::kDouble);
+      at::Tensor mb = at::zeros({2 * world_}, at::TensorOptions().dtype(at::kDouble).device(device_));
       mb[rank_] = static_cast<double>(so.micro_batch);
       mb[world_ + rank_] = static_cast<double>(eval_micro);
       comm_->allreduce(mb, "all-reduce of the planned micro-batches");
+      mb = mb.to(at::kCPU);
       so.micro_batch = static_cast<int64_t>(mb.narrow(0, 0, world_).min().item<double>());
       eval_micro = static_cast<int64_t>(mb.narrow(0, world_, world_).min().item<double>());
     }
@@ -661,6 +668,7 @@ FitResult Trainer::fit(const std::string& resume) {
     dist::DataParallelOptions dpo;
     dpo.bucket_mb = cfg_.dist.bucket_mb;
     dpo.overlap = cfg_.dist.overlap;
+    dpo.sync_bn = cfg_.model.sync_bn;
     dp = std::make_unique<dist::DataParallel>(*comm_, *model_, dpo);
     runner.set_sync(dp.get());
     if (cfg_.model.sync_bn) {
@@ -871,7 +879,7 @@ FitResult Trainer::fit(const std::string& resume) {
         if (device_.is_cuda()) vals.emplace_back("alloc_retries", static_cast<double>(mem.alloc_retries));
         vals.emplace_back("loss_scale", runner.scaler().enabled() ? runner.scaler().scale_value() : 1.0);
         vals.emplace_back("micro_batch", static_cast<double>(runner.micro_batch() > 0 ? runner.micro_batch()
-                                                                                      : tc.batch_size));
+                                                                                      : tc.batch_size / world_));
         log.step(step, epoch + 1, vals);
         ps.loss = wl;
         ps.lr = lr;
@@ -1018,7 +1026,7 @@ FitResult Trainer::fit(const std::string& resume) {
   res.skipped_steps = runner.skipped();
   res.rollbacks = runner.rollbacks();
   res.oom_recoveries = runner.oom_recoveries();
-  res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size;
+  res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size / world_;  // per rank
   res.guard_events = runner.events();
   res.steps = runner.steps();
   res.train_seconds = train_seconds;
