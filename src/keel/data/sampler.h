@@ -19,7 +19,8 @@ struct SamplerOptions {
 // does not depend on threads, call order or standard library. For world_size > 1 the order is
 // padded by wrapping around to a multiple of world_size and rank r takes positions r, r+W, ...
 // (PyTorch's DistributedSampler), so every rank gets ceil(n / W) indices (without options.pad the
-// padding is left out); with world_size 1 it is exactly a permutation of 0..n-1. Throws std::invalid_argument unless 0 <= rank < world_size.
+// padding is left out); with world_size 1 it is exactly a permutation of 0..n-1. Throws
+// std::invalid_argument unless 0 <= rank < world_size.
 std::vector<int64_t> epoch_indices(size_t dataset_size, const SamplerOptions& options,
                                    int64_t epoch, int64_t rank, int64_t world_size);
 
