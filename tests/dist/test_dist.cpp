@@ -224,6 +224,36 @@ TEST(DataParallel, KilledRankNamedBySurvivorWithinTimeout) {
   std::cout << "survivor stopped " << waited << " s after the kill\n";
 }
 
+// A stuck rank (SIGSTOP: alive, but answering nothing, its heartbeat frozen too): the other stops after
+// dist.timeout_seconds (no socket closes this time) and names it.
+TEST(DataParallel, StuckRankNamedBySurvivorAfterTimeout) {
+  const std::string dir = keel::test::fresh_dir("dist-stuck");
+  auto sets = base_sets(dir, "stuck", 4000);
+  sets.push_back("train.batch_size=16");
+  sets.push_back("dist.timeout_seconds=4");
+  keel::test::KeelChild c(with_sets({"train", "configs/default.toml", "--nproc", "2"}, sets));
+  ASSERT_TRUE(c.started());
+  ASSERT_TRUE(c.wait_for("keel: launched 2 ranks")) << c.log();
+  std::smatch m;
+  const std::string launch_line = c.log();
+  ASSERT_TRUE(std::regex_search(launch_line, m, std::regex("rank 1 \\(pid (\\d+)\\)"))) << launch_line;
+  const pid_t rank1 = static_cast<pid_t>(std::stol(m[1]));
+  ASSERT_TRUE(c.wait_for("step 5/")) << c.log();
+  ASSERT_EQ(kill(rank1, SIGSTOP), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool named = c.wait_for("error: dist: rank 0 of 2");
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  kill(rank1, SIGKILL);  // the launcher would only after timeout + 15 s
+  c.finish();
+  ASSERT_TRUE(named) << c.log();
+  EXPECT_TRUE(std::regex_search(c.log(), std::regex("error: dist: rank 0 of 2: .* failed: rank 1 \\(no heartbeat")))
+      << c.log();
+  // dist.timeout_seconds, plus the 2.5 s heartbeat check, plus slack for a loaded machine.
+  EXPECT_GT(waited, 3.5) << c.log();
+  EXPECT_LT(waited, 4 + 2.5 + 6) << c.log();
+  std::cout << "survivor stopped " << waited << " s after rank 1 froze\n";
+}
+
 TEST(DataParallel, OutOfMemoryOnOneRankAgreedByAll) {
   const std::string dir = keel::test::fresh_dir("dist-oom");
   auto sets = base_sets(dir, "oom", 64);

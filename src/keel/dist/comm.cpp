@@ -201,7 +201,7 @@ std::string Comm::diagnose() {
     if (!b.count(k)) {
       dead.push_back(fmt::format("rank {} (never sent a heartbeat)", k));
     } else if (a.count(k) && a[k].first == b[k].first) {
-      dead.push_back(fmt::format("rank {} (no heartbeat for {:.1f} s: dead or killed)", k, kDeadAfterSeconds));
+      dead.push_back(fmt::format("rank {} (no heartbeat for {:.1f} s: dead, killed or frozen)", k, kDeadAfterSeconds));
     } else if (b[k].second < ops_.load()) {
       behind.push_back(fmt::format("rank {} (alive but stuck: {} collectives issued, this rank {})", k,
                                    b[k].second, ops_.load()));

@@ -27,7 +27,7 @@ struct DataParallelOptions {
 
 // Communication time of the run so far (rank-local wall clock).
 struct CommStats {
-  int64_t steps = 0;             // reduced steps
+  int64_t steps = 0;             // gradient reductions (one per step attempt, replays included)
   int64_t buckets = 0;           // buckets per step
   int64_t bytes_per_step = 0;    // gradient bytes all-reduced per step
   double allreduce_seconds = 0;  // union of the buckets' [launch, completion] intervals, summed over steps

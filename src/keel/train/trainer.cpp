@@ -1042,7 +1042,7 @@ FitResult Trainer::fit(const std::string& resume) {
     res.dist = cs.to_json();
     res.dist["world_size"] = world_;
     res.dist["rank"] = rank_;
-    fmt::print("keel: rank {} of {}: all-reduce {:.2f}s over {} steps, {:.0f}% of it overlapped backward; waited "
+    fmt::print("keel: rank {} of {}: gradient all-reduce {:.2f}s over {} reductions, {:.0f}% of it overlapped backward; waited "
                "{:.2f}s after backward\n", rank_, world_, cs.allreduce_seconds, cs.steps,
                cs.allreduce_seconds > 0 ? 100 * cs.overlapped_seconds / cs.allreduce_seconds : 0.0,
                cs.exposed_seconds);
