@@ -61,8 +61,8 @@ class Comm {
   void broadcast(at::Tensor t, int64_t root, const std::string& what);
 
   // Reports a failure of `what` (cause: the underlying error text): looks at the peers' heartbeats to
-  // say which rank died or is stuck, prints the message to stderr (so it is out even if the process is
-  // then killed) and throws DistError. Later destruction does not wait on the failed group.
+  // say which rank died or is stuck (2.5 s) and throws DistError. Later destruction does not wait on the
+  // failed group (it is leaked: its threads may be blocked on the dead peer).
   [[noreturn]] void fail(const std::string& what, const std::string& cause);
 
   static double now_seconds();
