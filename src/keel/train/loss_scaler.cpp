@@ -23,6 +23,18 @@ at::Tensor LossScaler::unscale_(const std::vector<at::Tensor>& grads) const {
   at::Tensor found = at::zeros({}, scale_.options());
   if (grads.empty()) return found;
   const at::Tensor inv = scale_.reciprocal();
+  if (grads.front().is_cuda()) {
+    // GradScaler's own fused kernel: multiplies by inv (skipped when it is 1) and raises found on any inf/NaN,
+    // a few launches for all gradients instead of three per gradient.
+    std::vector<at::Tensor> defined;
+    for (const auto& g : grads) {
+      if (g.defined()) defined.push_back(g);
+    }
+    at::Tensor found_dev = at::zeros({}, scale_.options().device(grads.front().device()));
+    const at::Tensor inv_dev = opts_.enabled ? inv.to(found_dev.device()) : at::ones_like(found_dev);
+    at::_amp_foreach_non_finite_check_and_unscale_(defined, found_dev, inv_dev);
+    return found_dev;
+  }
   std::vector<at::Tensor> finite;
   finite.reserve(grads.size());
   for (const auto& g : grads) {

@@ -26,6 +26,19 @@ at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::st
   return model.forward(x).to(at::kFloat);
 }
 
+namespace {
+// The step timer reads host clocks. On CUDA the host only queues kernels, so a phase's GPU work would be timed in
+// whichever later phase waits for it (the guard's host sync, inside the optimizer phase: every CUDA run looked
+// "optimizer-bound"). With the monitor on, each phase therefore ends with a device sync on CUDA; the one after the
+// backward costs nothing (the guard syncs right after it), the others the overlap of one phase's launches with the
+// previous phase's GPU work (measured in docs/monitoring.md). Nothing changes on the CPU or with the monitor off.
+void mark_phase(monitor::StepTimer* timer, const at::Device& device, monitor::Phase p) {
+  if (timer == nullptr || !timer->enabled()) return;
+  if (device.is_cuda()) device::synchronize(device);
+  timer->mark(p);
+}
+}  // namespace
+
 StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOptions o,
                        std::function<double(int64_t)> lr_at, Ema* ema, monitor::StepTimer* timer)
     : model_(model), opt_(opt), o_(std::move(o)), lr_at_(std::move(lr_at)), ema_(ema), timer_(timer),
@@ -57,7 +70,7 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
     }
     at::Tensor loss = at::cross_entropy_loss(logits, ym, {}, at::Reduction::Mean, -100, o_.label_smoothing);
     if (inject_loss) loss = loss + std::numeric_limits<float>::quiet_NaN();
-    if (timer_) timer_->mark(monitor::Phase::kForward);
+    mark_phase(timer_, device_, monitor::Phase::kForward);
     // Each micro-batch's mean loss is weighted by its share, so the summed gradient equals the
     // full batch's mean-loss gradient.
     const double share = static_cast<double>(len) / static_cast<double>(n);
@@ -67,7 +80,7 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
     // Waiting for the buckets still in flight counts as backward (the step timer has no phase of its own
     // for it; DataParallel's statistics say how much of the communication backward hid).
     if (sync && last) sync->finish_gradients();
-    if (timer_) timer_->mark(monitor::Phase::kBackward);
+    mark_phase(timer_, device_, monitor::Phase::kBackward);
     loss_sum += loss.detach().to(at::kDouble) * len;
     // Soft (mixup/cutmix) targets (m, K): cross_entropy_loss takes them as class probabilities
     // above; a prediction counts as correct when it names the dominant class.
@@ -293,10 +306,9 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   for (auto& p : params_) if (p.grad().defined()) grads.push_back(p.grad());
   at::Tensor found_inf = scaler_.unscale_(grads);
   found_inf = at::maximum(found_inf, r.loss.isfinite().logical_not().to(at::kFloat));
-  std::vector<at::Tensor> norms;
-  norms.reserve(grads.size());
-  for (auto& g : grads) norms.push_back(g.norm(2).to(at::kFloat));
-  r.grad_norm = norms.empty() ? at::zeros({}, x.options().dtype(at::kFloat)) : at::stack(norms).norm(2);
+  // One multi-tensor launch for every gradient's norm (a fused kernel on CUDA), then the norm of the norms.
+  r.grad_norm = grads.empty() ? at::zeros({}, x.options().dtype(at::kFloat))
+                              : at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).norm(2);
   // The step's one host sync: the guard must know whether to apply the update.
   // found_inf and the loss come back together, so the spike check costs no extra sync.
   const at::Tensor host = at::stack({found_inf.to(at::kDouble), r.loss.to(at::kDouble)}).to(at::kCPU);
@@ -322,7 +334,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     // 5. optimizer step
     opt_.step();
   }
-  if (timer_) timer_->mark(monitor::Phase::kOptimizer);
+  mark_phase(timer_, device_, monitor::Phase::kOptimizer);
   // 6. scaler update (backs off on a non-finite step, as GradScaler does)
   scaler_.update(found_inf);
 
@@ -385,7 +397,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   ++healthy_steps_;
   ++steps_;
   if (ema_) ema_->update(model_);
-  if (timer_) timer_->mark(monitor::Phase::kOptimizer);
+  mark_phase(timer_, device_, monitor::Phase::kOptimizer);
   return r;
 }
 
