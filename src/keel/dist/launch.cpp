@@ -129,7 +129,8 @@ int launch_local(const LaunchOptions& o) {
         k.done = true;
         k.status = status;
         --running;
-        const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        // 130: stopped by Ctrl-C with a checkpoint (every rank stops after the same step): not a failure.
+        const bool ok = WIFEXITED(status) && (WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 130);
         if (!ok) {
           fmt::print(stderr, "keel: rank {} (pid {}) {}\n", r, pid, describe(status));
           if (first_failed < 0) {
@@ -156,7 +157,12 @@ int launch_local(const LaunchOptions& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   sigaction(SIGINT, &old_int, nullptr);
-  if (first_failed < 0) return 0;
+  if (first_failed < 0) {
+    for (const auto& k : kids) {
+      if (WIFEXITED(k.status) && WEXITSTATUS(k.status) == 130) return 130;  // interrupted; rank 0 said how to resume
+    }
+    return 0;
+  }
   const int st = kids[static_cast<size_t>(first_failed)].status;
   fmt::print(stderr, "keel: data-parallel run failed: rank {} {} first\n", first_failed, describe(st));
   return WIFEXITED(st) ? WEXITSTATUS(st) : 1;

@@ -14,7 +14,7 @@ struct LaunchOptions {
 };
 
 // Runs the ranks with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT. Returns
-// 0 when every rank exits 0; otherwise prints which rank failed first (exit code or signal), gives the
+// 0 when every rank exits 0, 130 when they stopped on Ctrl-C (exit code 130, after a checkpoint); otherwise prints which rank failed first (exit code or signal), gives the
 // others timeout + 15 s to stop on their own (they notice within dist.timeout_seconds), kills those still
 // running (and says so), and returns the failed rank's exit code (1 when it was killed by a signal).
 // Throws std::runtime_error when RANK or WORLD_SIZE is already set (a launcher inside a launcher).

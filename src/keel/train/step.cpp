@@ -217,7 +217,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // of memory (each sets its own slot) and sum their loss and hits; a failed rank first completes the
   // attempt's gradient collectives (abandon_gradients), so no rank waits on one that never comes.
   const int64_t world = sync_ ? sync_->world_size() : 1;
-  at::Tensor agreed;    // [oom flag per rank, loss sum, hits, samples], summed over ranks
+  at::Tensor agreed;    // [oom flag per rank, loss sum, hits, samples, stop requests], summed over ranks
   at::Tensor agreed_host;
   for (;;) {
     std::string oom_message;
@@ -247,7 +247,8 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       at::Tensor flags = at::zeros({world}, dd);
       if (local_oom) flags[sync_->rank()] = 1.0;
       agreed = at::cat({flags, r.loss.view({1}), r.correct.to(at::kDouble).view({1}),
-                        at::full({1}, static_cast<double>(r.samples), dd)});
+                        at::full({1}, static_cast<double>(r.samples), dd),
+                        at::full({1}, stop_probe_ && stop_probe_() ? 1.0 : 0.0, dd)});
       sync_->sum(agreed, "the step's agreement all-reduce (out-of-memory flags, loss, hits)");
       agreed_host = agreed.to(at::kCPU);
       for (int64_t k = 0; k < world; ++k) if (agreed_host.data_ptr<double>()[k] > 0) oom_ranks.push_back(k);
@@ -291,6 +292,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   if (sync_) {
     // Over the global batch: every rank sees the same loss (the same skip and spike decisions).
     r.samples = static_cast<int64_t>(agreed_host.data_ptr<double>()[world + 2]);
+    r.stop = agreed_host.data_ptr<double>()[world + 3] > 0;
     r.correct = agreed[world + 1].to(at::kLong);
     r.loss = agreed[world] / static_cast<double>(r.samples);
   } else {

@@ -67,6 +67,7 @@ struct StepResult {
   double lr = 0;            // learning rate used (of group 0; group i uses lr x group_lr_factors[i])
   std::vector<GuardEvent> guard;    // what the guard did, in order: a skip, then a rollback if it caused one
   std::vector<std::string> notes;  // e.g. an out-of-memory recovery during this step
+  bool stop = false;        // data-parallel: some rank asked to stop (Ctrl-C) before this step's agreement
 };
 
 // Thrown when the guard gives up (R rollbacks exhausted); what() is the full report.
@@ -98,7 +99,12 @@ class StepRunner {
   // Data-parallel training (null = one process): gradients are reduced over ranks after the last
   // micro-batch, and every decision of the step (an out-of-memory replay, a skip) is agreed by all ranks.
   // StepResult's loss, correct and samples are then over the global batch.
-  void set_sync(StepSync* s) { sync_ = s; }
+  // stop_probe (optional): whether this rank was asked to stop (Ctrl-C); it rides in the agreement, so every
+  // rank learns it in the same step (StepResult::stop) and all stop after the same step.
+  void set_sync(StepSync* s, std::function<bool()> stop_probe = {}) {
+    sync_ = s;
+    stop_probe_ = std::move(stop_probe);
+  }
   int64_t oom_recoveries() const { return oom_recoveries_; }
   const LossScaler& scaler() const { return scaler_; }
   const std::vector<std::string>& events() const { return events_; }  // guard log, human-readable
@@ -132,6 +138,7 @@ class StepRunner {
   Ema* ema_;
   monitor::StepTimer* timer_;
   StepSync* sync_ = nullptr;
+  std::function<bool()> stop_probe_;
   LossScaler scaler_;
   at::Device device_{at::kCPU};  // where the parameters live (the training device)
   std::vector<at::Tensor> params_;

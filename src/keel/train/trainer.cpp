@@ -670,7 +670,7 @@ FitResult Trainer::fit(const std::string& resume) {
     dpo.overlap = cfg_.dist.overlap;
     dpo.sync_bn = cfg_.model.sync_bn;
     dp = std::make_unique<dist::DataParallel>(*comm_, *model_, dpo);
-    runner.set_sync(dp.get());
+    runner.set_sync(dp.get(), [] { return util::stop_requested(); });
     if (cfg_.model.sync_bn) {
       sync_bn_ = std::make_unique<dist::SyncBatchNorm>(*comm_);
       models::set_batch_norm_sync(sync_bn_.get());
@@ -896,7 +896,8 @@ FitResult Trainer::fit(const std::string& resume) {
       if ((step_due || time_due) && step < total_steps) {
         save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
       }
-      if (util::stop_requested() && step < total_steps) {
+      // Data-parallel: a Ctrl-C seen by any rank, agreed in the step (every rank stops after the same step).
+      if ((dp ? r.stop : util::stop_requested()) && step < total_steps) {
         // Ctrl-C: this step is done; keep it in a checkpoint unless one was just written for it.
         if (!((step_due || time_due) && step < total_steps)) {
           save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
