@@ -643,9 +643,18 @@ FitResult Trainer::fit(const std::string& resume) {
     runner.load_state(st.at("runner"));
     if (st.contains("schedule")) schedule.load_state(st.at("schedule"));
     for (const auto& note : checkpoint::restore_rng_state(st.at("rng"))) fmt::print("checkpoint: {}\n", note);
-    const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
-    aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
-                                    at::kByte).clone());
+    if (rank_ == 0) {
+      const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
+      aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
+                                      at::kByte).clone());
+    } else {
+      // The checkpoint holds rank 0's augmentation stream only: other ranks start a fresh one of their own,
+      // seeded by (seed, rank, step), rather than repeat rank 0's.
+      aug.set_rng_state(data::DeviceAugment(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1 +
+                                                                       7919 * static_cast<uint64_t>(rank_) +
+                                                                       1000003 * static_cast<uint64_t>(runner.steps()))
+                            .rng_state());
+    }
     if (stopper && st.contains("early_stop")) stopper->load_state(st.at("early_stop"));
     res.best_epoch = st.value("best_epoch", 0);
     eval_micro = st.value("eval_micro_batch", int64_t{0});
