@@ -314,7 +314,8 @@ TEST(DataParallel, RendezvousErrorsNameWhatAndWhere) {
   EXPECT_THAT(r.out, HasSubstr("--nproc 2 starts the ranks itself, but RANK=0 is already set"));
   r = run_with_env("", quick_args(dir, "--nproc 3"));
   EXPECT_EQ(r.code, 2);
-  EXPECT_THAT(r.out, HasSubstr("--nproc 3: train.batch_size = 16 is the global batch and must be divisible"));
+  EXPECT_THAT(r.out, HasSubstr("--nproc 3: train.batch_size = 16 is the global batch, split over 3 ranks: it must "
+                               "be divisible by 3"));
 }
 
 TEST(DataParallel, WorldSizeMismatchReportedByBothRanks) {

@@ -53,20 +53,11 @@ Runner add_train(CLI::App& app) {
   return [args, resume, profile, nproc] {
     config::Config cfg = config::load(args->config, args->sets);
     if (*nproc > 1) {
-      // The checks a rank would make, before starting any: one clear error instead of N.
-      if (cfg.train.batch_size % *nproc != 0) {
-        throw config::ConfigError(fmt::format(
-            "--nproc {}: train.batch_size = {} is the global batch and must be divisible by the number of ranks",
-            *nproc, cfg.train.batch_size));
-      }
-      const int64_t per_rank = cfg.train.batch_size / *nproc;
-      if (cfg.train.micro_batch > 0 && per_rank % cfg.train.micro_batch != 0) {
-        throw config::ConfigError(fmt::format(
-            "--nproc {}: train.micro_batch = {} must divide the per-rank batch {} (train.batch_size {} / {} ranks)",
-            *nproc, cfg.train.micro_batch, per_rank, cfg.train.batch_size, *nproc));
-      }
-      if (cfg.dist.store == "file" && cfg.dist.store_path.empty()) {
-        throw config::ConfigError(fmt::format("--nproc {}: dist.store = \"file\" needs dist.store_path", *nproc));
+      // The checks every rank makes, before starting any: one clear error instead of N.
+      try {
+        train::check_data_parallel(cfg, *nproc);
+      } catch (const config::ConfigError& e) {
+        throw config::ConfigError(fmt::format("--nproc {}: {}", *nproc, e.what()));
       }
       dist::LaunchOptions lo;
       lo.nproc = *nproc;

@@ -385,6 +385,24 @@ int64_t run_budget(const config::Config& cfg, const at::Device& dev) {
   return cfg.memory.budget.empty() ? total : memory::parse_budget(cfg.memory.budget, total).bytes;
 }
 
+void check_data_parallel(const config::Config& c, int64_t w) {
+  if (c.train.batch_size % w != 0) {
+    throw config::ConfigError(fmt::format(
+        "train.batch_size = {} is the global batch, split over {} ranks: it must be divisible by {} (got a "
+        "remainder of {})", c.train.batch_size, w, w, c.train.batch_size % w));
+  }
+  const int64_t per_rank = c.train.batch_size / w;
+  if (c.train.micro_batch > 0 && per_rank % c.train.micro_batch != 0) {
+    throw config::ConfigError(fmt::format(
+        "train.micro_batch = {} must divide the per-rank batch train.batch_size / ranks = {} / {} = {}",
+        c.train.micro_batch, c.train.batch_size, w, per_rank));
+  }
+  if (c.dist.store == "file" && c.dist.store_path.empty()) {
+    throw config::ConfigError("dist.store = \"file\" needs dist.store_path (a fresh path on a filesystem every "
+                              "rank sees)");
+  }
+}
+
 Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   // CPU memory accounting from the first tensor on, so the model and optimizer state are counted.
   memory::install_cpu_allocator();
@@ -400,16 +418,7 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   if (!env.source.empty()) {  // a launcher started this process (also WORLD_SIZE=1: one rank, same code path)
     const int64_t w = env.world_size;
     const int64_t per_rank = cfg_.train.batch_size / w;
-    if (cfg_.train.batch_size % w != 0) {
-      throw config::ConfigError(fmt::format(
-          "train.batch_size = {} is the global batch, split over {} ranks: it must be divisible by {} (got a "
-          "remainder of {})", cfg_.train.batch_size, w, w, cfg_.train.batch_size % w));
-    }
-    if (cfg_.train.micro_batch > 0 && per_rank % cfg_.train.micro_batch != 0) {
-      throw config::ConfigError(fmt::format(
-          "train.micro_batch = {} must divide the per-rank batch train.batch_size / ranks = {} / {} = {}",
-          cfg_.train.micro_batch, cfg_.train.batch_size, w, per_rank));
-    }
+    check_data_parallel(cfg_, w);
     const bool cuda = device::resolve(cfg_.run.device).is_cuda();
     dist::CommOptions co;
     co.backend = cfg_.dist.backend == "auto" ? (cuda ? "nccl" : "gloo") : cfg_.dist.backend;

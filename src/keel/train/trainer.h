@@ -69,6 +69,11 @@ struct FitResult {
 // Sets LibTorch's intra-op threads (0 = every core) and returns the number in use.
 int configure_threads(int64_t requested);
 
+// Throws ConfigError unless a config can train data-parallel over world_size ranks: the global batch
+// train.batch_size divisible by world_size, train.micro_batch dividing the per-rank batch, a file store
+// with its path. (`keel train --nproc` checks before starting any rank; each rank checks again.)
+void check_data_parallel(const config::Config& c, int64_t world_size);
+
 // Builds the dataset split a config names (train or test), honouring the *_limit keys.
 std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train);
 
