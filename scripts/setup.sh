@@ -8,6 +8,7 @@ PACKAGES=(
   libtomlplusplus-dev libcli11-dev libfmt-dev libspdlog-dev nlohmann-json3-dev
   libturbojpeg0-dev libjpeg62-turbo-dev libpng-dev libswscale-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libgloo-dev  # Gloo headers for c10d ProcessGroupGloo (distributed training; the wheel ships none)
   clang-14 libclang-rt-14-dev
   dataset-fashion-mnist
   python3-torch python3-torchvision python3-numpy python3-pil python3-skimage

@@ -79,6 +79,25 @@ TEST(Sampler, ShardsCoverEverySampleAndPadByWrapping) {
   }
 }
 
+// Without padding (evaluation under data parallelism) every sample is in exactly one shard, once.
+TEST(Sampler, UnpaddedShardsCoverEachSampleOnce) {
+  SamplerOptions o;
+  o.seed = 3;
+  o.pad = false;
+  for (size_t n : {0, 1, 2, 5, 7, 10}) {
+    for (int64_t world : {1, 2, 3}) {
+      std::map<int64_t, int> seen;
+      for (int64_t r = 0; r < world; ++r) {
+        const auto shard = epoch_indices(n, o, 1, r, world);
+        EXPECT_EQ(shard.size(), samples_per_rank(n, world, r, false)) << n << " " << world << " " << r;
+        for (auto i : shard) ++seen[i];
+      }
+      EXPECT_EQ(seen.size(), n) << n << " " << world;
+      for (auto& [i, c] : seen) EXPECT_EQ(c, 1) << "sample " << i << " n " << n << " world " << world;
+    }
+  }
+}
+
 TEST(Sampler, RejectsBadShard) {
   EXPECT_THROW(epoch_indices(10, SamplerOptions{}, 0, 2, 2), std::invalid_argument);
   EXPECT_THROW(epoch_indices(10, SamplerOptions{}, 0, -1, 2), std::invalid_argument);

@@ -1,11 +1,14 @@
 // `keel train` and `keel eval`.
 #include <fmt/format.h>
+#include <filesystem>
 #include <iostream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "keel/cli/commands.h"
 #include "keel/config/config.h"
 #include "keel/data/loader.h"
+#include "keel/dist/launch.h"
 #include "keel/models/state_dict.h"
 #include "keel/monitor/profiler.h"
 #include "keel/train/trainer.h"
@@ -41,8 +44,40 @@ Runner add_train(CLI::App& app) {
                   "record steps A..B (1-based, inclusive) with LibTorch's profiler: writes "
                   "runs/<name>/profile_steps_A-B.trace.json (chrome://tracing, Perfetto) and .ops.txt (operators "
                   "by total time)");
-  return [args, resume, profile] {
+  auto nproc = std::make_shared<int>(0);
+  sub->add_option("--nproc", *nproc,
+                  "data-parallel on this machine: start N ranks (processes) of this training, each with "
+                  "train.batch_size / N samples per step, gradients all-reduced (docs/distributed.md); on a "
+                  "cluster start each rank with torchrun or srun instead")
+      ->check(CLI::Range(1, 1024));
+  return [args, resume, profile, nproc] {
     config::Config cfg = config::load(args->config, args->sets);
+    if (*nproc > 1) {
+      // The checks every rank makes, before starting any: one clear error instead of N.
+      try {
+        train::check_data_parallel(cfg, *nproc);
+      } catch (const config::ConfigError& e) {
+        throw config::ConfigError(fmt::format("--nproc {}: {}", *nproc, e.what()));
+      }
+      dist::LaunchOptions lo;
+      lo.nproc = *nproc;
+      lo.timeout_seconds = cfg.dist.timeout_seconds;
+      lo.log_dir = (std::filesystem::path(cfg.run.dir) / cfg.run.name).string();
+      std::filesystem::create_directories(lo.log_dir);
+      lo.args = {"train", args->config};
+      for (const auto& s : args->sets) lo.args.insert(lo.args.end(), {"--set", s});
+      if (cfg.run.threads == 0) {
+        // N ranks on one machine share its cores: each gets its part instead of all of them.
+        const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        const int per = std::max(1, cores / *nproc);
+        lo.args.insert(lo.args.end(), {"--set", fmt::format("run.threads={}", per)});
+        fmt::print("keel: --nproc {}: run.threads = 0 -> {} intra-op threads per rank ({} cores)\n", *nproc, per, cores);
+      }
+      if (!resume->empty()) lo.args.insert(lo.args.end(), {"--resume", *resume});
+      if (!profile->empty()) lo.args.insert(lo.args.end(), {"--profile-steps", *profile});
+      if (args->json) lo.args.push_back("--json");
+      return dist::launch_local(lo);
+    }
     monitor::ProfileRange range;
     if (!profile->empty()) {
       try {

@@ -264,6 +264,11 @@ const std::vector<Field>& schema() {
         "ViTs: attention kernel. `keel`: two batched GEMMs with the scale folded into the first and softmax in "
         "fp32 (every LibTorch); `sdpa`: at::scaled_dot_product_attention (LibTorch >= 2.0); `auto`: sdpa where "
         "it exists, else keel. ResNets ignore it.", choices_text(attention), one_of(attention)));
+    f.push_back(make_field<C::Model, bool>("model.sync_bn", &C::model, &C::Model::sync_bn,
+        "Data-parallel training: BatchNorm batch statistics (and their gradients) over the samples of every rank, "
+        "as one process with the global batch computes them; false: each rank normalises with its own samples. "
+        "Costs three small all-reduces per BatchNorm and step. No effect in a single process or on models "
+        "without BatchNorm (ViTs).", "", nullptr));
     // train
     f.push_back(make_field<C::Train, int64_t>("train.epochs", &C::train, &C::Train::epochs,
         "Passes over the training set.", ">= 1", int_at_least(1)));
@@ -507,6 +512,9 @@ const std::vector<Field>& schema() {
           for (auto x : v) if (x < 1) return "positive step numbers";
           return "";
         }));
+    f.push_back(make_field<C::Debug, int64_t>("debug.inject_oom_rank", &C::debug, &C::Debug::inject_oom_rank,
+        "Data-parallel fault injection: only this rank throws the `debug.inject_oom_steps` errors (-1 = every "
+        "rank), to see the ranks agree on the recovery.", ">= -1", int_at_least(-1)));
     f.push_back(make_field<C::Debug, std::vector<int64_t>>("debug.inject_nonfinite.steps", &C::debug,
         &C::Debug::inject_steps,
         "Fault injection: make the step attempts with these 1-based numbers (the Nth batch offered to the optimizer step, skipped ones counted) non-finite, to see the guard work. Written "
@@ -558,6 +566,34 @@ const std::vector<Field>& schema() {
         &C::Checkpoint::keep_best_mode,
         "Whether lower or higher `keep_best` is better; auto = max for accuracies, min for losses. A tie keeps "
         "the earlier checkpoint.", choices_text(modes), one_of(modes)));
+    // dist
+    const std::vector<std::string> backends = {"auto", "gloo", "nccl"};
+    f.push_back(make_field<C::Dist, std::string>("dist.backend", &C::dist, &C::Dist::backend,
+        "Data-parallel communication backend (c10d): `gloo` (CPU tensors, TCP), `nccl` (CUDA tensors), `auto` = "
+        "nccl when run.device is CUDA, else gloo. The job's shape comes from the launcher: RANK, WORLD_SIZE, "
+        "LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun, or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), or "
+        "`keel train --nproc N` (docs/distributed.md).", choices_text(backends), one_of(backends)));
+    const std::vector<std::string> stores = {"tcp", "file"};
+    f.push_back(make_field<C::Dist, std::string>("dist.store", &C::dist, &C::Dist::store,
+        "Rendezvous store: `tcp` = a TCPStore served by rank 0 at MASTER_ADDR:MASTER_PORT; `file` = a FileStore "
+        "at `dist.store_path` (a shared filesystem; no open port needed).", choices_text(stores), one_of(stores)));
+    f.push_back(make_field<C::Dist, std::string>("dist.store_path", &C::dist, &C::Dist::store_path,
+        "`dist.store = \"file\"`: the store file, on a filesystem every rank sees; use a fresh path per job "
+        "(e.g. with $SLURM_JOB_ID in it): a file left by an earlier job would be read as this job's.", "", nullptr));
+    f.push_back(make_field<C::Dist, std::string>("dist.interface", &C::dist, &C::Dist::interface,
+        "Gloo: the network interface to use (e.g. `eth0`, `ib0`, `lo`); empty = the address this host's name "
+        "resolves to (loopback if it resolves to none).", "", nullptr));
+    f.push_back(make_field<C::Dist, double>("dist.timeout_seconds", &C::dist, &C::Dist::timeout_seconds,
+        "The longest any rank waits: for every rank to join, for each collective. A rank that dies or hangs makes "
+        "the others stop within about this long (sooner when its connections close) with an error naming it.",
+        "> 0", [](const double& v) { return std::isfinite(v) && v > 0 ? "" : "a number of seconds > 0"; }));
+    f.push_back(make_field<C::Dist, double>("dist.bucket_mb", &C::dist, &C::Dist::bucket_mb,
+        "Gradient all-reduce bucket cap in MiB: gradients are sent in buckets of at most this size, each as soon "
+        "as backward has produced all of its gradients. Smaller: earlier overlap, more messages.", "> 0",
+        [](const double& v) { return std::isfinite(v) && v > 0 ? "" : "a size in MiB > 0"; }));
+    f.push_back(make_field<C::Dist, bool>("dist.overlap", &C::dist, &C::Dist::overlap,
+        "Send gradient buckets from the gradient hooks while backward is still running (true), or all after "
+        "backward (false: the baseline for measuring the overlap).", "", nullptr));
     // tune
     const std::vector<std::string> tune_allow = {"precision"};
     f.push_back(make_field<C::Tune, std::vector<std::string>>("tune.allow", &C::tune, &C::Tune::allow,

@@ -58,6 +58,7 @@ struct Config {
     int64_t image_size = 0;          // ViTs: input side (0 = 224)
     int64_t patch_size = 0;          // ViTs: patch side (0 = the name's, e.g. 16 for vit_tiny_16)
     std::string attention = "auto";  // ViTs: auto | keel | sdpa
+    bool sync_bn = false;            // data-parallel: BatchNorm statistics over every rank's samples
   } model;
   struct Train {
     int64_t epochs = 2;
@@ -146,6 +147,7 @@ struct Config {
     int64_t stop_after_steps = 0;           // simulate an interruption (0 = off)
     bool log_sample_ids = false;            // write <run>/sample_ids.jsonl (sample audit)
     std::vector<int64_t> inject_oom_steps;  // attempts whose first forward throws out-of-memory
+    int64_t inject_oom_rank = -1;           // data-parallel: only this rank injects them (-1 = every rank)
     std::vector<int64_t> inject_steps;     // debug.inject_nonfinite.steps
     std::string inject_where = "loss";     // debug.inject_nonfinite.where
     int64_t pause_at_step = 0;             // debug.pause.step: hold the process there (kill tests); 0 = off
@@ -159,6 +161,15 @@ struct Config {
     std::string keep_best;              // "" (off) | test_loss | test_top1 | train_loss
     std::string keep_best_mode = "auto";  // auto | min | max
   } checkpoint;
+  struct Dist {                      // data-parallel training (src/keel/dist; docs/distributed.md)
+    std::string backend = "auto";    // auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    std::string store = "tcp";       // tcp (MASTER_ADDR:MASTER_PORT) | file (store_path)
+    std::string store_path;          // file store path, fresh per job, on a filesystem every rank sees
+    std::string interface;           // Gloo network interface ("" = the host name's address)
+    double timeout_seconds = 120.0;  // every wait: rendezvous, each collective
+    double bucket_mb = 25.0;         // gradient all-reduce bucket cap (MiB)
+    bool overlap = true;             // send buckets from gradient hooks during backward
+  } dist;
   struct Tune {                                // keel tune (src/keel/tune/tune.h)
     std::vector<std::string> allow;            // settings that change the mathematics: "precision"
     double budget_minutes = 10.0;

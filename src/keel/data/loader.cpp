@@ -374,13 +374,15 @@ std::optional<Batch> Loader::next() {
 }
 
 int64_t Loader::batches_per_epoch() const {
-  const auto n = static_cast<int64_t>(samples_per_rank(dataset_->size(), options_.world_size()));
+  const auto n = static_cast<int64_t>(
+      samples_per_rank(dataset_->size(), options_.world_size(), options_.rank(), options_.sampler().pad));
   const int64_t bs = options_.batch_size();
   return options_.drop_last() ? n / bs : (n + bs - 1) / bs;
 }
 
 int64_t Loader::dropped_samples() const {
-  const auto n = static_cast<int64_t>(samples_per_rank(dataset_->size(), options_.world_size()));
+  const auto n = static_cast<int64_t>(
+      samples_per_rank(dataset_->size(), options_.world_size(), options_.rank(), options_.sampler().pad));
   return options_.drop_last() ? n % options_.batch_size() : 0;
 }
 

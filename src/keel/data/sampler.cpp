@@ -44,10 +44,11 @@ void check_shard(int64_t rank, int64_t world_size) {
 
 }  // namespace
 
-size_t samples_per_rank(size_t dataset_size, int64_t world_size) {
-  check_shard(0, world_size);
-  const size_t w = static_cast<size_t>(world_size);
-  return (dataset_size + w - 1) / w;
+size_t samples_per_rank(size_t dataset_size, int64_t world_size, int64_t rank, bool pad) {
+  check_shard(rank, world_size);
+  const size_t w = static_cast<size_t>(world_size), r = static_cast<size_t>(rank);
+  if (pad || world_size == 1) return (dataset_size + w - 1) / w;
+  return r < dataset_size ? (dataset_size - r + w - 1) / w : 0;
 }
 
 std::vector<int64_t> epoch_indices(size_t dataset_size, const SamplerOptions& options,
@@ -64,7 +65,7 @@ std::vector<int64_t> epoch_indices(size_t dataset_size, const SamplerOptions& op
   if (world_size == 1 || dataset_size == 0) return order;
 
   const size_t w = static_cast<size_t>(world_size);
-  const size_t per_rank = samples_per_rank(dataset_size, world_size);
+  const size_t per_rank = samples_per_rank(dataset_size, world_size, rank, options.pad);
   std::vector<int64_t> shard;
   shard.reserve(per_rank);
   // Position p of the padded order is order[p % n]: the padding repeats the start, even when

@@ -7,6 +7,7 @@
 
 #include "keel/compat/torch_compat.h"
 
+#include "keel/models/norm.h"
 #include "keel/models/watch.h"
 
 #include <torch/nn/init.h>
@@ -72,14 +73,17 @@ at::Tensor ResBlockImpl::forward(at::Tensor x) {
     return watch(path, y.add_(identity).relu_());
   }
   at::Tensor y = watch(n_conv1, conv1(x));
-  y = watch(n_bn1, bn1(y)).relu_();
+  y = watch(n_bn1, batch_norm(*bn1, y)).relu_();
   y = watch(n_conv2, conv2(y));
-  y = watch(n_bn2, bn2(y));
+  y = watch(n_bn2, batch_norm(*bn2, y));
   if (bottleneck) {
     y = watch(n_conv3, conv3(y.relu_()));
-    y = watch(n_bn3, bn3(y));
+    y = watch(n_bn3, batch_norm(*bn3, y));
   }
-  at::Tensor identity = downsample ? watch(n_downsample, downsample->forward(x)) : x;
+  at::Tensor identity =
+      downsample ? watch(n_downsample, batch_norm(*downsample[1]->as<torch::nn::BatchNorm2d>(),
+                                                  downsample[0]->as<torch::nn::Conv2d>()->forward(x)))
+                 : x;
   return watch(path, y.add_(identity).relu_());
 }
 
@@ -117,7 +121,7 @@ at::Tensor ResNet::forward(at::Tensor x) {
   // x: (N, C, H, W) float -> logits (N, num_classes)
   TORCH_CHECK(!(folded_ && is_training()), "ResNet: BatchNorms are folded into the convs (inference only); "
               "a folded model cannot train: build a fresh one");
-  x = folded_ ? watch("bn1", conv1(x)).relu_() : watch("bn1", bn1(watch("conv1", conv1(x)))).relu_();
+  x = folded_ ? watch("bn1", conv1(x)).relu_() : watch("bn1", batch_norm(*bn1, watch("conv1", conv1(x)))).relu_();
   if (opts.imagenet_stem) {
     x = torch::nn::functional::max_pool2d(
         x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));

@@ -66,6 +66,7 @@ struct InjectOptions {
   std::vector<int64_t> steps;  // 1-based attempt numbers: the Nth batch offered to the step (skips counted)
   std::string where = "loss";  // "loss" | "grad" | a module name ("layer1.0.conv2")
   std::vector<int64_t> oom_steps;  // attempts whose last micro-batch's forward throws out-of-memory (once each)
+  int64_t oom_rank = -1;           // data-parallel: only this rank injects them (-1 = every rank)
   bool active_at(int64_t step) const;
 };
 

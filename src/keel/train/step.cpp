@@ -49,7 +49,8 @@ StepRunner::StepRunner(models::Net& model, torch::optim::Optimizer& opt, StepOpt
 }
 
 void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss,
-                                  models::Watcher* watcher, at::Tensor& loss_sum, at::Tensor& correct) {
+                                  models::Watcher* watcher, at::Tensor& loss_sum, at::Tensor& correct,
+                                  StepSync* sync) {
   const int64_t n = x.size(0);
   const int64_t mb = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
   models::WatchScope scope(watcher);
@@ -59,7 +60,9 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
     at::Tensor logits = forward_logits(model_, xm, o_.precision);          // (m, K)
     // Injected out-of-memory: thrown in the last micro-batch after its forward, when the earlier
     // micro-batches' gradients and this one's activations are all allocated, as a real OOM would be.
-    if (start + len == n && std::count(o_.inject.oom_steps.begin(), o_.inject.oom_steps.end(), attempts_) &&
+    const bool inject_rank = o_.inject.oom_rank < 0 || o_.inject.oom_rank == (sync_ ? sync_->rank() : 0);
+    if (start + len == n && inject_rank &&
+        std::count(o_.inject.oom_steps.begin(), o_.inject.oom_steps.end(), attempts_) &&
         !std::count(oom_injected_.begin(), oom_injected_.end(), attempts_)) {
       oom_injected_.push_back(attempts_);
       TORCH_CHECK_WITH(OutOfMemoryError, false, "injected out-of-memory (debug.inject_oom_steps) at attempt ",
@@ -71,7 +74,12 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
     // Each micro-batch's mean loss is weighted by its share, so the summed gradient equals the
     // full batch's mean-loss gradient.
     const double share = static_cast<double>(len) / static_cast<double>(n);
+    const bool last = start + len == n;
+    if (sync) sync->before_backward(last);  // only the last micro-batch's backward sends gradients
     scaler_.scale(loss * share).backward();
+    // Waiting for the buckets still in flight counts as backward (the step timer has no phase of its own
+    // for it; DataParallel's statistics say how much of the communication backward hid).
+    if (sync && last) sync->finish_gradients();
     mark_phase(timer_, device_, monitor::Phase::kBackward);
     loss_sum += loss.detach().to(at::kDouble) * len;
     // Soft (mixup/cutmix) targets (m, K): cross_entropy_loss takes them as class probabilities
@@ -91,8 +99,10 @@ std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
   const bool inject = o_.inject.active_at(attempts_);
   const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
   at::Tensor ls = at::zeros({}, x.options().dtype(at::kDouble)), c = at::zeros({}, x.options().dtype(at::kLong));
+  // Diagnostic only: gradients stay local (every rank replays the same way, so their synchronised
+  // BatchNorm collectives, if any, still match).
   forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? static_cast<models::Watcher*>(&inj) : &loc,
-                   ls, c);
+                   ls, c, nullptr);
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
     params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
   }
@@ -203,15 +213,53 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // Out-of-memory recovery: the failed attempt's tensors are released when its frames unwind;
   // the exception is inspected and dropped inside the catch, so nothing keeps them alive. Then
   // the partial gradients are freed, the micro-batch halves and the same samples are replayed.
+  // Data-parallel: after each attempt the ranks agree, in one all-reduce, on whether any of them ran out
+  // of memory (each sets its own slot) and sum their loss and hits; a failed rank first completes the
+  // attempt's gradient collectives (abandon_gradients), so no rank waits on one that never comes.
+  const int64_t world = sync_ ? sync_->world_size() : 1;
+  at::Tensor agreed;    // [oom flag per rank, loss sum, hits, samples, stop requests], summed over ranks
+  at::Tensor agreed_host;
   for (;;) {
     std::string oom_message;
+    bool local_oom = false;
     try {
-      forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? &inj : nullptr, r.loss, r.correct);
-      break;
+      forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? &inj : nullptr, r.loss, r.correct,
+                       sync_);
     } catch (const std::exception& e) {
       if (!o_.oom_recovery || !memory::is_out_of_memory(e)) throw;
       oom_message = e.what();
       oom_message = oom_message.substr(0, oom_message.find('\n'));
+      if (sync_ && !sync_->can_replay()) {
+        // The other ranks are inside synchronised BatchNorm collectives this rank will never issue: stop
+        // (they report this rank as gone) rather than feed them mismatched collectives.
+        throw std::runtime_error(fmt::format(
+            "out of memory on rank {} at step {} ({}) with model.sync_bn = true: the ranks cannot replay the step "
+            "together (this rank stopped mid-forward, inside the synchronised BatchNorm collectives). Set "
+            "train.micro_batch lower (or \"auto\"), or raise memory.budget", sync_->rank(), steps_ + 1,
+            oom_message));
+      }
+      local_oom = true;
+      if (sync_) sync_->abandon_gradients();
+    }
+    std::vector<int64_t> oom_ranks;
+    if (sync_) {
+      const auto dd = r.loss.options().dtype(at::kDouble);
+      at::Tensor flags = at::zeros({world}, dd);
+      if (local_oom) flags[sync_->rank()] = 1.0;
+      agreed = at::cat({flags, r.loss.view({1}), r.correct.to(at::kDouble).view({1}),
+                        at::full({1}, static_cast<double>(r.samples), dd),
+                        at::full({1}, stop_probe_ && stop_probe_() ? 1.0 : 0.0, dd)});
+      sync_->sum(agreed, "the step's agreement all-reduce (out-of-memory flags, loss, hits)");
+      agreed_host = agreed.to(at::kCPU);
+      for (int64_t k = 0; k < world; ++k) if (agreed_host.data_ptr<double>()[k] > 0) oom_ranks.push_back(k);
+    } else if (local_oom) {
+      oom_ranks.push_back(0);
+    }
+    if (oom_ranks.empty()) break;
+    if (sync_) {
+      std::string list;
+      for (auto k : oom_ranks) list += (list.empty() ? "" : ", ") + std::to_string(k);
+      oom_message = fmt::format("rank {} ran out of memory{}", list, local_oom ? ": " + oom_message : "");
     }
     // Undo the partial step: gradients freed, BatchNorm statistics back to before the batch (the
     // replay updates them once), the CUDA cache handed back so the smaller micro-batch can use it.
@@ -241,7 +289,15 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     events_.push_back(note);
     r.notes.push_back(note);
   }
-  r.loss = r.loss / static_cast<double>(r.samples);
+  if (sync_) {
+    // Over the global batch: every rank sees the same loss (the same skip and spike decisions).
+    r.samples = static_cast<int64_t>(agreed_host.data_ptr<double>()[world + 2]);
+    r.stop = agreed_host.data_ptr<double>()[world + 3] > 0;
+    r.correct = agreed[world + 1].to(at::kLong);
+    r.loss = agreed[world] / static_cast<double>(r.samples);
+  } else {
+    r.loss = r.loss / static_cast<double>(r.samples);
+  }
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
     params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
   }

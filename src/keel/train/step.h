@@ -18,6 +18,7 @@
 #include "keel/monitor/step_timer.h"
 #include "keel/train/locator.h"
 #include "keel/train/loss_scaler.h"
+#include "keel/train/sync.h"
 
 namespace keel::train {
 
@@ -66,6 +67,7 @@ struct StepResult {
   double lr = 0;            // learning rate used (of group 0; group i uses lr x group_lr_factors[i])
   std::vector<GuardEvent> guard;    // what the guard did, in order: a skip, then a rollback if it caused one
   std::vector<std::string> notes;  // e.g. an out-of-memory recovery during this step
+  bool stop = false;        // data-parallel: some rank asked to stop (Ctrl-C) before this step's agreement
 };
 
 // Thrown when the guard gives up (R rollbacks exhausted); what() is the full report.
@@ -94,6 +96,15 @@ class StepRunner {
   double lr_scale() const { return lr_scale_; }      // product of rollback factors
   int64_t micro_batch() const { return o_.micro_batch; }  // resolved (shrinks after an OOM); 0 = whole batch
   void set_micro_batch(int64_t m) { o_.micro_batch = m; }  // 0 = whole batch (the planner's trials)
+  // Data-parallel training (null = one process): gradients are reduced over ranks after the last
+  // micro-batch, and every decision of the step (an out-of-memory replay, a skip) is agreed by all ranks.
+  // StepResult's loss, correct and samples are then over the global batch.
+  // stop_probe (optional): whether this rank was asked to stop (Ctrl-C); it rides in the agreement, so every
+  // rank learns it in the same step (StepResult::stop) and all stop after the same step.
+  void set_sync(StepSync* s, std::function<bool()> stop_probe = {}) {
+    sync_ = s;
+    stop_probe_ = std::move(stop_probe);
+  }
   int64_t oom_recoveries() const { return oom_recoveries_; }
   const LossScaler& scaler() const { return scaler_; }
   const std::vector<std::string>& events() const { return events_; }  // guard log, human-readable
@@ -110,8 +121,9 @@ class StepRunner {
     double loss_ema = 0;
   };
   // forward + backward over micro-batches; accumulates loss/correct; returns found-nonfinite-loss.
+  // sync: reduce the gradients over ranks after the last micro-batch (null: local gradients only).
   void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
-                        at::Tensor& loss_sum, at::Tensor& correct);
+                        at::Tensor& loss_sum, at::Tensor& correct, StepSync* sync);
   std::string locate(const at::Tensor& x, const at::Tensor& y);
   // For a finite loss spike: the first module whose output grew by more than guard.spike_factor
   // between the last good (snapshot) weights and the current ones, on this batch.
@@ -125,6 +137,8 @@ class StepRunner {
   std::function<double(int64_t)> lr_at_;
   Ema* ema_;
   monitor::StepTimer* timer_;
+  StepSync* sync_ = nullptr;
+  std::function<bool()> stop_probe_;
   LossScaler scaler_;
   at::Device device_{at::kCPU};  // where the parameters live (the training device)
   std::vector<at::Tensor> params_;

@@ -21,6 +21,10 @@
 #include "keel/data/synthetic.h"
 #include "keel/data/subset.h"
 #include "keel/device/device.h"
+#include "keel/dist/comm.h"
+#include "keel/dist/data_parallel.h"
+#include "keel/dist/env.h"
+#include "keel/dist/sync_bn.h"
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/memory/budget.h"
@@ -93,6 +97,23 @@ void debug_pause(const config::Config& c, const char* where, int64_t step) {
   throw std::runtime_error(fmt::format("debug.pause: step {} ({}): not killed within 10 minutes", step, where));
 }
 
+// The run's logs (metrics.jsonl, CSV, TensorBoard): written by rank 0 alone; on other ranks every call
+// does nothing.
+class RankLog {
+ public:
+  RankLog(bool writer, const std::string& run_dir, int64_t resume_step) {
+    if (writer) log_.emplace(run_dir, resume_step);
+  }
+  void step(int64_t step, int64_t epoch, const monitor::RunLogger::Scalars& v) { if (log_) log_->step(step, epoch, v); }
+  void epoch(int64_t step, int64_t epoch, const monitor::RunLogger::Scalars& v, const nlohmann::json& extra = {}) {
+    if (log_) log_->epoch(step, epoch, v, extra);
+  }
+  void event(const nlohmann::json& r) { if (log_) log_->event(r); }
+
+ private:
+  std::optional<monitor::RunLogger> log_;
+};
+
 }  // namespace
 
 // Converts 4-D parameters (conv weights) to channels-last so oneDNN runs NHWC end to end.
@@ -119,12 +140,17 @@ data::AugmentOptions augment_options(const config::Config& c) {
   return a;
 }
 
-data::LoaderOptions loader_options(const config::Config& c, bool train) {
+data::LoaderOptions loader_options(const config::Config& c, bool train, int64_t rank, int64_t world_size) {
   data::SamplerOptions s;
   s.seed = static_cast<uint64_t>(c.run.seed);
   s.shuffle = train;
+  s.pad = train;  // evaluation: each test sample once over all ranks
+  const int64_t batch = train ? c.train.batch_size / world_size
+                              : std::max<int64_t>(1, (c.train.eval_batch_size + world_size - 1) / world_size);
   return data::LoaderOptions()
-      .batch_size(train ? c.train.batch_size : c.train.eval_batch_size)
+      .batch_size(batch)
+      .rank(rank)
+      .world_size(world_size)
       .workers(resolve_workers(c.data.workers))
       .prefetch(c.data.prefetch)
       .drop_last(false)
@@ -174,6 +200,7 @@ StepOptions step_options(const config::Config& c) {
   so.inject.steps = c.debug.inject_steps;
   so.inject.where = c.debug.inject_where;
   so.inject.oom_steps = c.debug.inject_oom_steps;
+  so.inject.oom_rank = c.debug.inject_oom_rank;
   return so;
 }
 
@@ -192,7 +219,8 @@ nlohmann::json FitResult::to_json() const {
           {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
           {"best_epoch", best_epoch},  {"oom_recoveries", oom_recoveries},
           {"micro_batch", micro_batch}, {"peak_memory_bytes", peak_memory_bytes},
-          {"advice", advice},          {"interrupted", interrupted},  {"breakdown_seconds", breakdown_seconds},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()}};
+          {"advice", advice},          {"interrupted", interrupted},  {"breakdown_seconds", breakdown_seconds},  {"ema_test_top1", ema_test ? nlohmann::json(ema_test->top1) : nlohmann::json()},
+          {"dist", dist}};
 }
 
 int configure_threads(int64_t requested) {
@@ -249,7 +277,8 @@ models::NetPtr make_model(const config::Config& cfg) {
 }
 
 EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
-                    bool channels_last, const std::string& precision, int64_t* micro_batch, bool oom_recovery) {
+                    bool channels_last, const std::string& precision, int64_t* micro_batch, bool oom_recovery,
+                    StepSync* sync) {
   const auto t0 = Clock::now();
   torch::NoGradGuard no_grad;
   model.eval();
@@ -299,6 +328,17 @@ EvalResult evaluate(models::Net& model, data::Loader& loader, const data::Device
     }
     n += b->labels.size(0);
   }
+  if (sync) {
+    // Every rank evaluated its shard: the sums over ranks (one all-reduce, on every rank).
+    at::Tensor sums = at::stack({loss_sum, top1.to(at::kDouble), top5.to(at::kDouble),
+                                 at::full({}, static_cast<double>(n), loss_sum.options())});
+    sync->sum(sums, "all-reduce of the evaluation sums");
+    const at::Tensor h = sums.to(at::kCPU);
+    loss_sum.fill_(h[0].item<double>());
+    top1.fill_(static_cast<int64_t>(h[1].item<double>()));
+    top5.fill_(static_cast<int64_t>(h[2].item<double>()));
+    n = static_cast<int64_t>(h[3].item<double>());
+  }
   r.samples = n;
   if (n > 0) {
     r.loss = loss_sum.item<double>() / n;
@@ -345,12 +385,68 @@ int64_t run_budget(const config::Config& cfg, const at::Device& dev) {
   return cfg.memory.budget.empty() ? total : memory::parse_budget(cfg.memory.budget, total).bytes;
 }
 
+void check_data_parallel(const config::Config& c, int64_t w) {
+  if (c.train.batch_size % w != 0) {
+    throw config::ConfigError(fmt::format(
+        "train.batch_size = {} is the global batch, split over {} ranks: it must be divisible by {} (got a "
+        "remainder of {})", c.train.batch_size, w, w, c.train.batch_size % w));
+  }
+  const int64_t per_rank = c.train.batch_size / w;
+  if (c.train.micro_batch > 0 && per_rank % c.train.micro_batch != 0) {
+    throw config::ConfigError(fmt::format(
+        "train.micro_batch = {} must divide the per-rank batch train.batch_size / ranks = {} / {} = {}",
+        c.train.micro_batch, c.train.batch_size, w, per_rank));
+  }
+  if (c.dist.store == "file" && c.dist.store_path.empty()) {
+    throw config::ConfigError("dist.store = \"file\" needs dist.store_path (a fresh path on a filesystem every "
+                              "rank sees)");
+  }
+}
+
 Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   // CPU memory accounting from the first tensor on, so the model and optimizer state are counted.
   memory::install_cpu_allocator();
   run_dir_ = (std::filesystem::path(cfg_.run.dir) / cfg_.run.name).string();
+  // Data-parallel: the launcher's RANK/WORLD_SIZE (torchrun, SLURM, keel train --nproc). The rendezvous
+  // comes first, so that a bad environment or a missing rank is reported before any data is read.
+  dist::DistEnv env;
+  try {
+    env = dist::read_env(cfg_.dist.store == "tcp");
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("data-parallel launch: ") + e.what());
+  }
+  if (!env.source.empty()) {  // a launcher started this process (also WORLD_SIZE=1: one rank, same code path)
+    const int64_t w = env.world_size;
+    const int64_t per_rank = cfg_.train.batch_size / w;
+    check_data_parallel(cfg_, w);
+    const bool cuda = device::resolve(cfg_.run.device).is_cuda();
+    dist::CommOptions co;
+    co.backend = cfg_.dist.backend == "auto" ? (cuda ? "nccl" : "gloo") : cfg_.dist.backend;
+    if (co.backend == "gloo" && cuda) {
+      throw config::ConfigError("dist.backend = \"gloo\" reduces CPU tensors, but run.device is CUDA: use "
+                                "dist.backend = \"nccl\" (or \"auto\"), or run.device = \"cpu\"");
+    }
+    co.store = cfg_.dist.store;
+    co.store_path = cfg_.dist.store_path;
+    co.interface = cfg_.dist.interface;
+    co.timeout_seconds = cfg_.dist.timeout_seconds;
+    co.config_text = config::to_toml(cfg_);
+    comm_ = dist::Comm::connect(env, co);
+    rank_ = env.rank;
+    world_ = env.world_size;
+    if (co.backend == "nccl" && (cfg_.run.device == "auto" || cfg_.run.device == "cuda")) {
+      // One GPU per rank: this machine's LOCAL_RANK-th (after the config agreement, which compares the
+      // configs as written).
+      cfg_.run.device = fmt::format("cuda:{}", env.local_rank);
+    }
+    if (rank_ == 0) {
+      fmt::print("keel: data-parallel, {} ranks ({} backend, {} store), global batch {} = {} x {} per rank{}\n", w,
+                 co.backend, co.store, cfg_.train.batch_size, w, per_rank,
+                 cfg_.model.sync_bn ? ", synchronised BatchNorm" : "");
+    }
+  }
   util::make_dirs(run_dir_);
-  util::atomic_write_file(run_dir_ + "/config.resolved.toml", config::to_toml(cfg_));
+  if (rank_ == 0) util::atomic_write_file(run_dir_ + "/config.resolved.toml", config::to_toml(cfg_));
 
   train_set_ = make_dataset(cfg_, true);
   test_set_ = make_dataset(cfg_, false);
@@ -394,7 +490,9 @@ Trainer::Trainer(config::Config cfg) : cfg_(std::move(cfg)) {
   schedule_.plateau.min_lr = sc.plateau_min_lr;
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (sync_bn_) models::set_batch_norm_sync(nullptr);
+}
 
 FitResult Trainer::fit(const std::string& resume) {
   const auto t_fit = Clock::now();
@@ -433,10 +531,11 @@ FitResult Trainer::fit(const std::string& resume) {
   device::set_budget(device_, budget);
   memory::reset_peak();
   device::reset_peak(device_);
-  data::Loader train_loader(train_set_, loader_options(cfg_, true));
-  data::Loader test_loader(test_set_, loader_options(cfg_, false));
-  data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
-  monitor::RunLogger log(run_dir_, ckpt ? ckpt->step : -1);
+  data::Loader train_loader(train_set_, loader_options(cfg_, true, rank_, world_));
+  data::Loader test_loader(test_set_, loader_options(cfg_, false, rank_, world_));
+  // Each rank its own augmentation stream (rank 0's is the single-process one).
+  data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1 + 7919 * static_cast<uint64_t>(rank_));
+  RankLog log(rank_ == 0, run_dir_, ckpt ? ckpt->step : -1);
 
   const int64_t per_epoch = train_loader.batches_per_epoch();
   int64_t total_steps = per_epoch * cfg_.train.epochs;
@@ -499,6 +598,16 @@ FitResult Trainer::fit(const std::string& resume) {
     device::reset_peak(device_);
     so.micro_batch = plan.micro_batch;
     eval_micro = plan.eval_micro_batch;
+    if (comm_) {
+      // Ranks plan on their own machines: all take the smallest micro-batch any of them found.
+      at::Tensor mb = at::zeros({2 * world_}, at::TensorOptions().dtype(at::kDouble).device(device_));
+      mb[rank_] = static_cast<double>(so.micro_batch);
+      mb[world_ + rank_] = static_cast<double>(eval_micro);
+      comm_->allreduce(mb, "all-reduce of the planned micro-batches");
+      mb = mb.to(at::kCPU);
+      so.micro_batch = static_cast<int64_t>(mb.narrow(0, 0, world_).min().item<double>());
+      eval_micro = static_cast<int64_t>(mb.narrow(0, world_, world_).min().item<double>());
+    }
     fmt::print("keel: planned (train.micro_batch = \"auto\"): {}", plan.summary());
     log.event({{"event", "batch_plan"}, {"plan", plan.to_json()}});
   }
@@ -543,9 +652,18 @@ FitResult Trainer::fit(const std::string& resume) {
     runner.load_state(st.at("runner"));
     if (st.contains("schedule")) schedule.load_state(st.at("schedule"));
     for (const auto& note : checkpoint::restore_rng_state(st.at("rng"))) fmt::print("checkpoint: {}\n", note);
-    const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
-    aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
-                                    at::kByte).clone());
+    if (rank_ == 0) {
+      const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
+      aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
+                                      at::kByte).clone());
+    } else {
+      // The checkpoint holds rank 0's augmentation stream only: other ranks start a fresh one of their own,
+      // seeded by (seed, rank, step), rather than repeat rank 0's.
+      aug.set_rng_state(data::DeviceAugment(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1 +
+                                                                       7919 * static_cast<uint64_t>(rank_) +
+                                                                       1000003 * static_cast<uint64_t>(runner.steps()))
+                            .rng_state());
+    }
     if (stopper && st.contains("early_stop")) stopper->load_state(st.at("early_stop"));
     res.best_epoch = st.value("best_epoch", 0);
     eval_micro = st.value("eval_micro_batch", int64_t{0});
@@ -561,12 +679,35 @@ FitResult Trainer::fit(const std::string& resume) {
     ckpt.reset();  // free its tensors
   }
 
+  // Data-parallel: rank 0's parameters and buffers (after any resume) to every rank, the gradient hooks,
+  // and the step's agreement; synchronised BatchNorm from here on (the planner above stays rank-local).
+  std::unique_ptr<dist::DataParallel> dp;
+  if (comm_) {
+    dist::DataParallelOptions dpo;
+    dpo.bucket_mb = cfg_.dist.bucket_mb;
+    dpo.overlap = cfg_.dist.overlap;
+    dpo.sync_bn = cfg_.model.sync_bn;
+    dp = std::make_unique<dist::DataParallel>(*comm_, *model_, dpo);
+    runner.set_sync(dp.get(), [] { return util::stop_requested(); });
+    if (cfg_.model.sync_bn) {
+      sync_bn_ = std::make_unique<dist::SyncBatchNorm>(*comm_);
+      models::set_batch_norm_sync(sync_bn_.get());
+    }
+    if (rank_ == 0) {
+      fmt::print("keel: gradients all-reduced in {} buckets of <= {} MiB ({:.1f} MiB per step){}\n", dp->stats().buckets,
+                 cfg_.dist.bucket_mb, dp->stats().bytes_per_step / 1048576.0,
+                 cfg_.dist.overlap ? ", overlapping backward" : ", after backward (dist.overlap = false)");
+    }
+  }
+  StepSync* sync = dp.get();
+
   // Writes a full checkpoint of the run as it stands (epoch: 0-based current epoch; batch: consumed in it).
   const bool checkpointing =
       cfg_.checkpoint.every_steps > 0 || cfg_.checkpoint.every_minutes > 0 || !cfg_.checkpoint.keep_best.empty();
   auto last_save = Clock::now();
   auto save_checkpoint = [&](int64_t epoch, int64_t batch, double loss_sum, int64_t correct, int64_t seen,
                              bool is_best = false) {
+    if (rank_ != 0) return;  // rank 0 alone writes checkpoints (the ranks' states are identical)
     checkpoint::CheckpointContents c;
     c.model = models::state_dict_of(*model_);
     checkpoint::capture_optimizer(c, *optimizer_);
@@ -633,7 +774,8 @@ FitResult Trainer::fit(const std::string& resume) {
 
   // Evaluation with its own micro-batch, which an out-of-memory error halves (never the training batch's).
   auto run_eval = [&](models::Net& m) {
-    EvalResult e = evaluate(m, test_loader, aug, tc.channels_last, tc.precision, &eval_micro, cfg_.memory.oom_recovery);
+    EvalResult e =
+        evaluate(m, test_loader, aug, tc.channels_last, tc.precision, &eval_micro, cfg_.memory.oom_recovery, sync);
     for (const auto& note : e.notes) {
       fmt::print("memory: {}\n", note);
       log.event({{"event", "oom_recovery"}, {"phase", "eval"}, {"step", runner.steps()}, {"message", note}});
@@ -643,7 +785,9 @@ FitResult Trainer::fit(const std::string& resume) {
   // debug.log_sample_ids: every training batch's dataset indices, for the sample audit.
   std::unique_ptr<std::ofstream> ids_log;
   if (cfg_.debug.log_sample_ids) {
-    ids_log = std::make_unique<std::ofstream>(run_dir_ + "/sample_ids.jsonl", std::ios::app);
+    // Data-parallel: one file per rank (each rank sees only its shard).
+    const std::string name = rank_ == 0 ? "sample_ids.jsonl" : fmt::format("sample_ids.rank{}.jsonl", rank_);
+    ids_log = std::make_unique<std::ofstream>(run_dir_ + "/" + name, std::ios::app);
   }
 
   res.run_dir = run_dir_;
@@ -753,7 +897,7 @@ FitResult Trainer::fit(const std::string& resume) {
         if (device_.is_cuda()) vals.emplace_back("alloc_retries", static_cast<double>(mem.alloc_retries));
         vals.emplace_back("loss_scale", runner.scaler().enabled() ? runner.scaler().scale_value() : 1.0);
         vals.emplace_back("micro_batch", static_cast<double>(runner.micro_batch() > 0 ? runner.micro_batch()
-                                                                                      : tc.batch_size));
+                                                                                      : tc.batch_size / world_));
         log.step(step, epoch + 1, vals);
         ps.loss = wl;
         ps.lr = lr;
@@ -770,7 +914,8 @@ FitResult Trainer::fit(const std::string& resume) {
       if ((step_due || time_due) && step < total_steps) {
         save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
       }
-      if (util::stop_requested() && step < total_steps) {
+      // Data-parallel: a Ctrl-C seen by any rank, agreed in the step (every rank stops after the same step).
+      if ((dp ? r.stop : util::stop_requested()) && step < total_steps) {
         // Ctrl-C: this step is done; keep it in a checkpoint unless one was just written for it.
         if (!((step_due || time_due) && step < total_steps)) {
           save_checkpoint(epoch, batch_in_epoch, loss_sum.item<double>(), correct.item<int64_t>(), seen);
@@ -900,7 +1045,7 @@ FitResult Trainer::fit(const std::string& resume) {
   res.skipped_steps = runner.skipped();
   res.rollbacks = runner.rollbacks();
   res.oom_recoveries = runner.oom_recoveries();
-  res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size;
+  res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size / world_;  // per rank
   res.guard_events = runner.events();
   res.steps = runner.steps();
   res.train_seconds = train_seconds;
@@ -911,8 +1056,19 @@ FitResult Trainer::fit(const std::string& resume) {
     res.breakdown_seconds[monitor::phase_name(static_cast<monitor::Phase>(ph))] =
         run_stats.phase_seconds(static_cast<monitor::Phase>(ph));
   res.peak_memory_bytes = device::memory_stats(device_).peak;
+  if (dp) {
+    const auto& cs = dp->stats();
+    res.dist = cs.to_json();
+    res.dist["world_size"] = world_;
+    res.dist["rank"] = rank_;
+    fmt::print("keel: rank {} of {}: gradient all-reduce {:.2f}s over {} reductions, {:.0f}% of it overlapped backward; waited "
+               "{:.2f}s after backward\n", rank_, world_, cs.allreduce_seconds, cs.steps,
+               cs.allreduce_seconds > 0 ? 100 * cs.overlapped_seconds / cs.allreduce_seconds : 0.0,
+               cs.exposed_seconds);
+    log.event({{"event", "dist"}, {"stats", res.dist}});
+  }
 
-  if (cfg_.checkpoint.save_final) {
+  if (cfg_.checkpoint.save_final && rank_ == 0) {
     const std::string dir = ckpt_dir;
     util::make_dirs(dir);
     res.checkpoint = dir + "/final.pt";

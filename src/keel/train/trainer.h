@@ -21,6 +21,10 @@
 namespace torch::optim {
 class Optimizer;
 }
+namespace keel::dist {
+class Comm;
+class SyncBatchNorm;
+}
 
 namespace keel::train {
 
@@ -56,6 +60,7 @@ struct FitResult {
   bool early_stopped = false;
   bool interrupted = false;      // stopped by debug.stop_after_steps or Ctrl-C (util::stop_requested())
   nlohmann::json breakdown_seconds;  // per phase: training-step seconds summed over the run (step timer)
+  nlohmann::json dist;               // data-parallel runs: world size and communication statistics
   int64_t best_epoch = 0;        // with early stopping: the epoch whose weights were kept
   std::optional<EvalResult> ema_test;
   nlohmann::json to_json() const;
@@ -63,6 +68,11 @@ struct FitResult {
 
 // Sets LibTorch's intra-op threads (0 = every core) and returns the number in use.
 int configure_threads(int64_t requested);
+
+// Throws ConfigError unless a config can train data-parallel over world_size ranks: the global batch
+// train.batch_size divisible by world_size, train.micro_batch dividing the per-rank batch, a file store
+// with its path. (`keel train --nproc` checks before starting any rank; each rank checks again.)
+void check_data_parallel(const config::Config& c, int64_t world_size);
 
 // Builds the dataset split a config names (train or test), honouring the *_limit keys.
 std::shared_ptr<const data::Dataset> make_dataset(const config::Config& cfg, bool train);
@@ -78,17 +88,20 @@ void model_to_channels_last(torch::nn::Module& m);
 OptimizerOptions optimizer_options(const config::Config& c);
 StepOptions step_options(const config::Config& c);
 
-// Loader and augmentation settings of a config, for the training (shuffled) or test split.
-data::LoaderOptions loader_options(const config::Config& c, bool train);
+// Loader and augmentation settings of a config, for the training (shuffled) or test split; for one rank
+// of world_size data-parallel ranks, the rank's shard with train.batch_size / world_size per batch (the
+// test split unpadded: every sample evaluated once over all ranks).
+data::LoaderOptions loader_options(const config::Config& c, bool train, int64_t rank = 0, int64_t world_size = 1);
 data::AugmentOptions augment_options(const config::Config& c);
 
 // Evaluates `model` on `loader`'s epoch 0 order; no gradients, eval mode. micro_batch (optional,
 // in/out): samples per forward (0 = the whole batch); with oom_recovery, an out-of-memory error halves
 // it and the batch is evaluated again (noted in EvalResult::notes), so evaluation never shrinks the
-// training batch.
+// training batch. sync (data-parallel): the loader holds this rank's shard and the results are summed
+// over ranks (every rank returns the same).
 EvalResult evaluate(models::Net& model, data::Loader& loader, const data::DeviceAugment& aug,
                     bool channels_last, const std::string& precision, int64_t* micro_batch = nullptr,
-                    bool oom_recovery = false);
+                    bool oom_recovery = false, StepSync* sync = nullptr);
 
 // The bytes memory.budget grants on `dev` (the device's whole memory when it is empty).
 int64_t run_budget(const config::Config& cfg, const at::Device& dev);
@@ -112,6 +125,8 @@ class Trainer {
   // Records these steps with LibTorch's profiler (`keel train --profile-steps A:B`); files go to the run dir.
   void set_profile_steps(monitor::ProfileRange r) { profile_ = r; }
   models::NetPtr model() const { return model_; }
+  int64_t rank() const { return rank_; }
+  int64_t world_size() const { return world_; }
 
  private:
   config::Config cfg_;
@@ -124,6 +139,10 @@ class Trainer {
   double lr_ = 0;                       // optim.lr after optim.lr_scaling (the resolved peak rate)
   std::vector<double> group_lr_factors_;  // per parameter group lr multiplier
   monitor::ProfileRange profile_;         // off unless set_profile_steps()
+  // Data-parallel training (RANK/WORLD_SIZE from the launcher): this rank's connection; null for one process.
+  int64_t rank_ = 0, world_ = 1;
+  std::unique_ptr<dist::Comm> comm_;
+  std::unique_ptr<dist::SyncBatchNorm> sync_bn_;
 };
 
 }  // namespace keel::train
