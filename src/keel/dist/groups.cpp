@@ -61,9 +61,10 @@ std::unique_ptr<Group> make_nccl_group(const c10::intrusive_ptr<c10d::Store>& st
 }
 #else
 std::unique_ptr<Group> make_nccl_group(const c10::intrusive_ptr<c10d::Store>&, int, int, const CommOptions&) {
-  throw DistError("dist.backend = \"nccl\": this keel build has no NCCL (it needs keel's CUDA code paths and a "
-                  "LibTorch built with NCCL: the PyPI wheel, `make build`); use dist.backend = \"gloo\" with "
-                  "run.device = \"cpu\"");
+  throw DistError("dist.backend = \"nccl\": this keel build has no NCCL (it needs keel's CUDA code paths, a "
+                  "LibTorch built with NCCL such as the PyPI wheel's, and a CUDA toolkit's headers for "
+                  "ProcessGroupNCCL.hpp; CMake's 'keel:' lines say which was missing); use dist.backend = \"gloo\" "
+                  "with run.device = \"cpu\"");
 }
 #endif
 
