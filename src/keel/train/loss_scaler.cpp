@@ -22,18 +22,19 @@ at::Tensor LossScaler::scale(const at::Tensor& loss) const {
 at::Tensor LossScaler::unscale_(const std::vector<at::Tensor>& grads) const {
   at::Tensor found = at::zeros({}, scale_.options());
   if (grads.empty()) return found;
-  const at::Tensor inv = scale_.reciprocal();
+  const at::Tensor inv = scale_.reciprocal();  // 1 when the scaler is off (scale_ is then 1)
   if (grads.front().is_cuda()) {
     // GradScaler's own fused kernel: multiplies by inv (skipped when it is 1) and raises found on any inf/NaN,
-    // a few launches for all gradients instead of three per gradient.
+    // a few launches for all gradients instead of three per gradient. scale_ already lives on the training
+    // device (StepRunner moves it), so the .to() calls are no-ops there.
     std::vector<at::Tensor> defined;
     for (const auto& g : grads) {
       if (g.defined()) defined.push_back(g);
     }
-    at::Tensor found_dev = at::zeros({}, scale_.options().device(grads.front().device()));
-    const at::Tensor inv_dev = opts_.enabled ? inv.to(found_dev.device()) : at::ones_like(found_dev);
-    at::_amp_foreach_non_finite_check_and_unscale_(defined, found_dev, inv_dev);
-    return found_dev;
+    const at::Device dev = grads.front().device();
+    found = found.to(dev);
+    at::_amp_foreach_non_finite_check_and_unscale_(defined, found, inv.to(dev));
+    return found;
   }
   std::vector<at::Tensor> finite;
   finite.reserve(grads.size());
