@@ -74,6 +74,15 @@ TEST(BenchInfer, TrainedViTCheckpointAndExport) {
   EXPECT_EQ(j.at("size"), 32);
   EXPECT_THAT(j.at("weights").get<std::string>(), HasSubstr("step 2"));
   expect_result(j, {"plain", "im+cl"}, {2});
+  // The run's weights: the result is kept in the run directory, and its report shows it.
+  EXPECT_THAT(r.out, HasSubstr("written to " + fs::absolute(dir + "/vit/bench/infer.json").lexically_normal().string()));
+  EXPECT_EQ(nlohmann::json::parse(keel::test::read_file(dir + "/vit/bench/infer.json")), j);
+  auto rep = keel::test::run_keel("report " + dir + "/vit");
+  ASSERT_EQ(rep.code, 0) << rep.out;
+  const std::string html = keel::test::read_file(dir + "/vit/report.html");
+  EXPECT_THAT(html, HasSubstr("Inference benchmark (keel bench infer)"));
+  EXPECT_THAT(html, HasSubstr("<td class=\"l\">im+cl</td>"));
+  EXPECT_THAT(html, HasSubstr("<th>batch 2 images/s</th>"));
 
   auto e = keel::test::run_keel("export " + dir + "/vit --format pt --output " + dir + "/vit.pt");
   ASSERT_EQ(e.code, 0) << e.out;

@@ -86,22 +86,24 @@ nlohmann::json last_json(const std::string& text) {
   return found.empty() ? nlohmann::json::object() : nlohmann::json::parse(found);
 }
 
-std::string read_file(const std::string& p) {
-  std::ifstream f(p);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
 // Equivalence: N steps of 2 ranks x 8 samples == N steps of 1 process x 16 samples.
-void expect_equivalent(const std::string& tag, const std::vector<std::string>& model_sets, double tol) {
+double expect_equivalent(const std::string& tag, const std::vector<std::string>& model_sets, double tol) {
   const std::string dir = keel::test::fresh_dir("dist-eq-" + tag);
   auto sets = base_sets(dir, "single", 64);
   sets.insert(sets.end(), model_sets.begin(), model_sets.end());
   sets.push_back("train.batch_size=16");
   Outcome single = run_child(with_sets({"train", "configs/default.toml"}, sets));
-  ASSERT_TRUE(ok(single)) << single.log;
+  const double failed = std::nan("");
+  if (!ok(single)) {
+    ADD_FAILURE() << single.log;
+    return failed;
+  }
   sets[1] = "run.name=dp";
   Outcome dp = run_child(with_sets({"train", "configs/default.toml", "--nproc", "2", "--json"}, sets));
-  ASSERT_TRUE(ok(dp)) << dp.log;
+  if (!ok(dp)) {
+    ADD_FAILURE() << dp.log;
+    return failed;
+  }
   EXPECT_THAT(dp.log, HasSubstr("data-parallel, 2 ranks (gloo backend"));
   const auto summary = last_json(dp.log);
   EXPECT_EQ(summary.at("steps").get<int64_t>(), 4);
@@ -113,6 +115,7 @@ void expect_equivalent(const std::string& tag, const std::vector<std::string>& m
   EXPECT_TRUE(fs::exists(dir + "/dp/metrics.jsonl"));
   EXPECT_TRUE(fs::exists(dir + "/dp/rank1.log"));
   std::cout << tag << ": max |w_dp - w_single| = " << diff << "\n";
+  return diff;
 }
 
 int unused_port() {
@@ -151,51 +154,30 @@ TEST(DataParallel, EquivalentToSingleProcessWithoutBatchNorm) {
                             "optim.lr=0.01", "train.channels_last=false", "dist.bucket_mb=0.25"}, 1e-5);
 }
 
-// ResNet-20 (BatchNorm) with synchronised statistics, over the file store. Not to 1e-5: the single process
-// itself is not reproducible to that (the fp32 weight gradients of a conv before a BatchNorm are sums with
-// heavy cancellation; keel's own single-process run with channels_last and without differs from itself by
-// 6.5 % of the 4-step update). So the measure is the relative difference of the 4-step weight update
-// (parameters), against the same update with each rank's own BatchNorm statistics, which must be far off.
-TEST(DataParallel, SyncBatchNormMatchesSingleProcessUpdate) {
-  const std::string dir = keel::test::fresh_dir("dist-eq-syncbn");
-  const std::string store = dir + "/store";
-  auto sets = base_sets(dir, "single", 64);
-  for (std::string s : {"train.batch_size=16", "optim.lr=0.001", "schedule.name=\"constant\"",
-                        "train.channels_last=false", "dist.bucket_mb=0.05"}) {
-    sets.push_back(s);
-  }
-  auto run_as = [&](const std::string& name, std::vector<std::string> extra) {
-    auto a = sets;
-    a[1] = "run.name=" + name;
-    a.insert(a.end(), extra.begin(), extra.end());
-    Outcome r = run_child(with_sets(extra.empty() ? std::vector<std::string>{"train", "configs/default.toml"}
-                                                  : std::vector<std::string>{"train", "configs/default.toml", "--nproc", "2"},
-                                    a));
-    EXPECT_TRUE(ok(r)) << r.log;
-    return keel::models::read_state_dict(dir + "/" + name + "/checkpoints/final.pt");
+// ResNet-20 (BatchNorm) with synchronised statistics, over the file store: every parameter and buffer
+// (running statistics included) within 1e-5 of the single process; with each rank's own statistics the same
+// run is far outside. The setting keeps the reference itself reproducible well below 1e-5: the weight
+// gradient of a conv feeding a BatchNorm is a sum whose terms cancel (the BatchNorm's input gradient has
+// zero mean per channel), so its fp32 rounding shows in the weights. Measured (4 steps, 1 thread vs 2 in one
+// process, i.e. only the summation order changed): 1.4e-4 with Fashion-MNIST at lr 1e-3 (its constant
+// background makes the cancellation heavy), 2e-5 with synthetic images at lr 1e-3, 5e-7 at lr 1e-4, where
+// sync BatchNorm is 1.1e-6 and local BatchNorm 1.8e-4 (parameters) and 0.047 (running variances).
+TEST(DataParallel, SyncBatchNormEquivalentToSingleProcess) {
+  const std::vector<std::string> setting = {"data.dataset=\"synthetic\"", "data.image_size=28",
+                                            "data.synthetic_samples=64", "optim.lr=0.0001",
+                                            "schedule.name=\"constant\"", "train.channels_last=false",
+                                            "dist.bucket_mb=0.05"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), setting.begin(), setting.end());
+    return extra;
   };
-  const auto single = run_as("single", {});
-  const auto synced = run_as("synced", {"model.sync_bn=true", "dist.store=\"file\"", "dist.store_path=\"" + store + "\""});
-  const auto local = run_as("local", {"model.sync_bn=false"});
-  // The initial weights: the same model built here from the same config and seed.
-  auto cfg = keel::config::load("configs/default.toml", sets);
-  const auto init = keel::models::state_dict_of(*keel::train::make_model(cfg));
-  auto rel = [&](const keel::models::StateDict& other) {
-    std::map<std::string, at::Tensor> w0(init.begin(), init.end()), o(other.begin(), other.end());
-    double num = 0, den = 0;
-    for (const auto& [k, t] : single) {
-      if (k.find("running") != std::string::npos || k.find("num_batches") != std::string::npos) continue;
-      at::Tensor d_single = t.to(at::kDouble) - w0.at(k).to(at::kDouble);
-      at::Tensor d_other = o.at(k).to(at::kDouble) - w0.at(k).to(at::kDouble);
-      num += (d_other - d_single).square().sum().item<double>();
-      den += d_single.square().sum().item<double>();
-    }
-    return std::sqrt(num / den);
-  };
-  const double r_sync = rel(synced), r_local = rel(local);
-  std::cout << "4-step update vs single process: sync_bn " << r_sync << ", local BatchNorm " << r_local << "\n";
-  EXPECT_LT(r_sync, 0.05);
-  EXPECT_GT(r_local, 5 * r_sync);
+  const std::string store = keel::test::fresh_dir("dist-syncbn-store") + "/store";
+  const double synced = expect_equivalent("syncbn", with({"model.sync_bn=true", "dist.store=\"file\"",
+                                                          "dist.store_path=\"" + store + "\""}), 1e-5);
+  // The test can fail: local statistics are the same run without the synchronisation.
+  const double local = expect_equivalent("localbn", with({"model.sync_bn=false"}), 1.0);
+  EXPECT_GT(local, 10 * 1e-5) << "local BatchNorm statistics should be far from the single process";
+  EXPECT_GT(local, 100 * synced);
 }
 
 TEST(DataParallel, KilledRankNamedBySurvivorWithinTimeout) {
@@ -265,7 +247,7 @@ TEST(DataParallel, OutOfMemoryOnOneRankAgreedByAll) {
   ASSERT_TRUE(ok(r)) << r.log;
   EXPECT_THAT(r.log, HasSubstr("rank 1 ran out of memory"));
   const auto s0 = last_json(r.log);
-  const auto s1 = last_json(read_file(dir + "/oom/rank1.log"));
+  const auto s1 = last_json(keel::test::read_file(dir + "/oom/rank1.log"));
   for (const auto& s : std::vector<nlohmann::json>{s0, s1}) {
     EXPECT_EQ(s.at("oom_recoveries").get<int64_t>(), 1) << s.dump();
     EXPECT_EQ(s.at("micro_batch").get<int64_t>(), 4) << s.dump();  // 8 per rank, halved on both
@@ -287,6 +269,33 @@ TEST(DataParallel, OutOfMemoryOnOneRankAgreedByAll) {
   }
   EXPECT_EQ(uses.size(), 64u);
   for (auto& [id, n] : uses) EXPECT_EQ(n, 1) << "sample " << id;
+}
+
+// Random augmentation (flip, crop, mixup) on 2 ranks: a run stopped after step 5 and resumed with
+// --resume auto ends with the weights of the uninterrupted run, bit for bit, which it cannot unless
+// rank 1 draws the same augmentations after the resume as before (the checkpoint holds rank 0's files).
+TEST(DataParallel, ResumedRunMatchesUninterruptedWithRandomAugmentation) {
+  const std::string dir = keel::test::fresh_dir("dist-resume");
+  auto sets = base_sets(dir, "whole", 64);
+  for (std::string s : {"train.batch_size=16", "train.epochs=2", "data.random_flip=true", "data.random_crop_padding=2",
+                        "augment.mixup_alpha=0.4", "checkpoint.every_steps=3"}) {
+    sets.push_back(s);
+  }
+  const std::vector<std::string> cmd = {"train", "configs/default.toml", "--nproc", "2", "--json"};
+  Outcome whole = run_child(with_sets(cmd, sets));
+  ASSERT_TRUE(ok(whole)) << whole.log;
+  sets[1] = "run.name=cut";
+  auto first = sets;
+  first.push_back("debug.stop_after_steps=5");  // two steps after the step-3 checkpoint
+  Outcome cut = run_child(with_sets(cmd, first));
+  EXPECT_FALSE(fs::exists(dir + "/cut/checkpoints/final.pt")) << cut.log;
+  auto resume_cmd = cmd;
+  resume_cmd.insert(resume_cmd.end(), {"--resume", "auto"});
+  Outcome resumed = run_child(with_sets(resume_cmd, sets));
+  ASSERT_TRUE(ok(resumed)) << resumed.log;
+  EXPECT_THAT(resumed.log, HasSubstr("resumed from"));
+  EXPECT_EQ(last_json(resumed.log).at("steps").get<int64_t>(), 8);
+  EXPECT_EQ(max_abs_diff(dir + "/whole/checkpoints/final.pt", dir + "/cut/checkpoints/final.pt"), 0.0);
 }
 
 TEST(DataParallel, RendezvousErrorsNameWhatAndWhere) {

@@ -5,6 +5,8 @@
 #include <sstream>
 #include <string>
 
+#include "../test_util.h"
+
 namespace keel::monitor::test_util {
 
 // A fresh directory under $KEEL_TEST_TMP (or /tmp), emptied first so reruns start clean.
@@ -16,11 +18,6 @@ inline std::string fresh_dir(const std::string& name) {
   return p.string();
 }
 
-inline std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using keel::test::read_file;
 
 }  // namespace keel::monitor::test_util

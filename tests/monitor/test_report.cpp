@@ -13,6 +13,7 @@
 #include "monitor_test_util.h"
 
 using testing::HasSubstr;
+using testing::Not;
 using namespace keel::monitor;
 
 namespace {
@@ -144,6 +145,24 @@ TEST(Report, ShowsKeelTuneTrialsOfTheRunName) {
   EXPECT_THAT(html, HasSubstr("train.micro_batch = 0 &mdash; keel tune: was 8; trial 2 (memory)"));
   EXPECT_THAT(html, HasSubstr("out of memory &lt;at 1&gt;"));
   EXPECT_THAT(html, HasSubstr("<td>failed</td>"));
+}
+
+TEST(Report, ShowsTheInferenceBenchmarkOfTheRunsWeights) {
+  const std::string dir = write_recorded_run("report-infer");
+  std::filesystem::create_directories(dir + "/bench");
+  std::ofstream(dir + "/bench/infer.json") << R"J({"model":"resnet20","size":28,"channels":1,"weights":"checkpoint x",)J"
+      R"J("device":"cpu","threads":2,"rounds":1,"latency_iters":5,"batches":[1,32],"settings":[{"setting":"im+fold",)J"
+      R"J("latency_ms":{"p50":1.5,"p90":2.0,"p99":2.5,"max":3.0},"images_per_second":{"1":600.0,"32":4100.0},)J"
+      R"J("peak_extra_bytes":1048576}]})J";
+  std::string html = test_util::read_file(write_report(dir, fake_environment(), "here"));
+  EXPECT_THAT(html, HasSubstr("Inference benchmark (keel bench infer)"));
+  EXPECT_THAT(html, HasSubstr("<th>batch 32 images/s</th>"));
+  EXPECT_THAT(html, HasSubstr("<td class=\"l\">im+fold</td><td>1.5</td><td>2</td><td>2.5</td><td>3</td><td>600</td><td>4100</td>"));
+  // A damaged file is a note, not a failed report.
+  std::ofstream(dir + "/bench/infer.json") << "[1, 2";
+  html = test_util::read_file(write_report(dir, fake_environment(), "here"));
+  EXPECT_THAT(html, Not(HasSubstr("Inference benchmark")));
+  EXPECT_THAT(html, HasSubstr("bench/infer.json: not a JSON object, not shown"));
 }
 
 TEST(Report, RendersInHeadlessChromiumWithEveryChartDrawn) {

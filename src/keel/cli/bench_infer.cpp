@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 
@@ -74,7 +75,17 @@ struct Plan {
   int64_t size = 224;
   std::string device = "auto";
   int64_t threads = 0;
+  std::string run_dir;  // the training run the weights or config belong to ("" = none): gets bench/infer.json
 };
+
+// The training run (a directory with the metrics.jsonl `keel train` writes) whose RUN/checkpoints/ holds
+// `path` (a checkpoint directory or checkpoints/final.pt); "" when there is none.
+std::string run_dir_of(const fs::path& path) {
+  const fs::path p = fs::absolute(path).lexically_normal();
+  if (p.parent_path().filename() != "checkpoints") return "";
+  const fs::path run = p.parent_path().parent_path();
+  return fs::exists(run / "metrics.jsonl") ? run.string() : "";
+}
 
 Plan resolve(const InferArgs& a) {
   Plan p;
@@ -91,6 +102,7 @@ Plan resolve(const InferArgs& a) {
       p.weights_from = a.checkpoint;
     }
   }
+  if (!a.checkpoint.empty()) p.run_dir = run_dir_of(a.checkpoint);
   if (cfg) {
     p.spec = train::model_spec(*cfg);
     p.spec.checkpoint_stages = false;  // a training-time memory setting
@@ -260,6 +272,14 @@ Runner add_bench_infer(CLI::App* bench) {
     }
     fmt::print("  (peak MiB: memory allocated beyond what was live before the setting ran (weights excluded); "
                "x p50: the first setting's p50 / this one's)\n");
+    if (!plan.run_dir.empty()) {  // `keel report RUN` shows the latest measurement of the run's weights
+      const std::string path = plan.run_dir + "/bench/infer.json";
+      fs::create_directories(plan.run_dir + "/bench");
+      std::ofstream f(path);
+      f << out.dump() << "\n";
+      if (!f) throw std::runtime_error(path + ": cannot write the benchmark result");
+      fmt::print("  written to {} (keel report {} shows it)\n", path, plan.run_dir);
+    }
     if (a->json) std::cout << out.dump() << std::endl;
     return 0;
   };

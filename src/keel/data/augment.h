@@ -65,6 +65,8 @@ class DeviceAugment {
   // The augmentation generator's state (uint8 tensor), saved in checkpoints for exact resume.
   at::Tensor rng_state() const { return gen_.get_state(); }
   void set_rng_state(const at::Tensor& s) { gen_.set_state(s); }
+  // Restarts the stream from a seed (data-parallel runs: one per rank and batch, see the trainer).
+  void reseed(uint64_t seed) { gen_.set_current_seed(seed); }
   bool mixes() const { return opts_.mixup_alpha > 0 || opts_.cutmix_alpha > 0; }
 
  private:

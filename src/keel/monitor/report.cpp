@@ -251,14 +251,19 @@ RunRecords read_run(const std::string& run_dir) {
   const std::string cfg = run_dir + "/config.resolved.toml";
   if (fs::exists(cfg)) r.config_toml = read_text(cfg);
   else r.notes.push_back(cfg + ": missing");
-  const std::string tune = run_dir + "/tune/tune.json";
-  if (fs::exists(tune)) {
-    r.tune = nlohmann::json::parse(read_text(tune), nullptr, /*allow_exceptions=*/false);
-    if (r.tune.is_discarded() || !r.tune.is_object()) {
-      r.notes.push_back(tune + ": not a JSON object, not shown");
-      r.tune = nullptr;
+  // Optional records other commands wrote into the run directory: a JSON object each, or a note.
+  auto optional_json = [&](const std::string& file) {
+    const std::string path = run_dir + "/" + file;
+    if (!fs::exists(path)) return nlohmann::json();
+    nlohmann::json j = nlohmann::json::parse(read_text(path), nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) {
+      r.notes.push_back(path + ": not a JSON object, not shown");
+      return nlohmann::json();
     }
-  }
+    return j;
+  };
+  r.tune = optional_json("tune/tune.json");
+  r.infer = optional_json("bench/infer.json");
   if (r.steps.empty()) r.notes.push_back(path + ": no step records (train.log_every larger than the run, or monitor.enabled = false)");
   if (r.final.is_null()) r.notes.push_back(path + ": no final summary (the run was interrupted or is still running)");
   return r;
@@ -463,6 +468,29 @@ std::string render_report(const RunRecords& run, const nlohmann::json& environme
         << cell(x, "resolved_micro_batch", "int") << "</td><td class=\"l\">"
         << esc(x.value("settings", nlohmann::json::object()).dump() + (err.empty() ? "" : " " + err.substr(0, 200)))
         << "</td></tr>\n";
+    }
+    h << "</table>\n";
+  }
+
+  // keel bench infer on the run's weights (bench/infer.json): latency percentiles and throughput per setting.
+  if (run.infer.is_object() && run.infer.contains("settings")) {
+    const auto& b = run.infer;
+    const auto batches = b.value("batches", nlohmann::json::array());
+    h << "<h2>Inference benchmark (keel bench infer)</h2>\n<p id=\"infer\">" << esc(b.value("model", "")) << ", "
+      << b.value("channels", 0) << "x" << b.value("size", 0) << "x" << b.value("size", 0) << ", weights: "
+      << esc(b.value("weights", "")) << ", " << esc(b.value("device", "")) << " with " << b.value("threads", 0)
+      << " threads; latency over " << b.value("latency_iters", 0) << " batch-1 forwards per round, "
+      << b.value("rounds", 0) << " round(s).</p>\n<table id=\"infer-settings\"><tr><th class=\"l\">setting</th>"
+         "<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th>";
+    for (const auto& n : batches) h << "<th>batch " << n.dump() << " images/s</th>";
+    h << "<th>peak memory</th></tr>\n";
+    for (const auto& x : b["settings"]) {
+      const auto lat = x.value("latency_ms", nlohmann::json::object());
+      h << "<tr><td class=\"l\">" << esc(x.value("setting", "")) << "</td>";
+      for (const char* k : {"p50", "p90", "p99", "max"}) h << "<td>" << cell(lat, k, "") << "</td>";
+      const auto ips = x.value("images_per_second", nlohmann::json::object());
+      for (const auto& n : batches) h << "<td>" << cell(ips, n.dump().c_str(), "") << "</td>";
+      h << "<td>" << cell(x, "peak_extra_bytes", "bytes") << "</td></tr>\n";
     }
     h << "</table>\n";
   }

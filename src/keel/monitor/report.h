@@ -17,6 +17,7 @@ struct RunRecords {
   nlohmann::json final;                // the "final" summary, or null (run interrupted or still running)
   std::string config_toml;             // config.resolved.toml, or empty when missing
   nlohmann::json tune;                 // tune/tune.json that `keel tune` wrote for this run name, or null
+  nlohmann::json infer;                // bench/infer.json that `keel bench infer` wrote for the run's weights, or null
   std::vector<std::string> notes;      // what was missing or skipped while reading
 };
 

@@ -533,8 +533,18 @@ FitResult Trainer::fit(const std::string& resume) {
   device::reset_peak(device_);
   data::Loader train_loader(train_set_, loader_options(cfg_, true, rank_, world_));
   data::Loader test_loader(test_set_, loader_options(cfg_, false, rank_, world_));
-  // Each rank its own augmentation stream (rank 0's is the single-process one).
-  data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1 + 7919 * static_cast<uint64_t>(rank_));
+  // The augmentation stream. One process: one generator seeded once, its state saved in checkpoints.
+  // Data-parallel: reseeded for every batch from (seed, rank, global batch index), so each rank draws its
+  // own stream and a resumed run draws on every rank exactly what the uninterrupted run would have,
+  // though the checkpoint (written by rank 0) holds no other rank's state.
+  data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
+  auto rank_batch_seed = [&](int64_t global_batch) {
+    uint64_t z = static_cast<uint64_t>(cfg_.run.seed) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(rank_) * 0xBF58476D1CE4E5B9ull +
+                 static_cast<uint64_t>(global_batch) * 0x94D049BB133111EBull + 1;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64 finaliser: nearby inputs, unrelated seeds
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
   RankLog log(rank_ == 0, run_dir_, ckpt ? ckpt->step : -1);
 
   const int64_t per_epoch = train_loader.batches_per_epoch();
@@ -652,17 +662,10 @@ FitResult Trainer::fit(const std::string& resume) {
     runner.load_state(st.at("runner"));
     if (st.contains("schedule")) schedule.load_state(st.at("schedule"));
     for (const auto& note : checkpoint::restore_rng_state(st.at("rng"))) fmt::print("checkpoint: {}\n", note);
-    if (rank_ == 0) {
+    if (world_ == 1) {  // data-parallel runs reseed per batch instead
       const std::string aug_state = checkpoint::base64_decode(st.at("augment_rng").get<std::string>());
       aug.set_rng_state(at::from_blob(const_cast<char*>(aug_state.data()), {static_cast<int64_t>(aug_state.size())},
                                       at::kByte).clone());
-    } else {
-      // The checkpoint holds rank 0's augmentation stream only: other ranks start a fresh one of their own,
-      // seeded by (seed, rank, step), rather than repeat rank 0's.
-      aug.set_rng_state(data::DeviceAugment(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1 +
-                                                                       7919 * static_cast<uint64_t>(rank_) +
-                                                                       1000003 * static_cast<uint64_t>(runner.steps()))
-                            .rng_state());
     }
     if (stopper && st.contains("early_stop")) stopper->load_state(st.at("early_stop"));
     res.best_epoch = st.value("best_epoch", 0);
@@ -839,6 +842,7 @@ FitResult Trainer::fit(const std::string& resume) {
       // CUDA: pinned side-stream copy (queued, not waited for); CPU: nothing to copy.
       at::Tensor images = upload.upload(b->images), labels = upload.upload(b->labels);
       timer.mark(monitor::Phase::kH2D);
+      if (world_ > 1) aug.reseed(rank_batch_seed(epoch * per_epoch + batch_in_epoch));
       at::Tensor x = aug.train(images);                 // (N, C, H, W) float
       const at::Tensor targets = aug.mix(x, labels);    // (N) labels, or (N, K) soft targets when mixed
       x = to_layout(x, tc.channels_last);
