@@ -4,7 +4,8 @@
 #   bad      : the default recipe made deliberately bad (1 worker, prefetch 1, fp32, micro-batch 8), budget
 #              ${BUDGET_BAD:-8} min; then the tuned file is trained to the end (test top-1 vs the default's)
 #   resnet50 : ResNet-50 at 128 px, batch 64, memory.budget 1.5GiB (synthetic data), budget ${BUDGET_R50:-15} min
-# WARMUP / MEASURE (default 5 / 20): tune.warmup_steps / measure_steps of the default and bad cases.
+# WARMUP / MEASURE (default 5 / 20): tune.warmup_steps / measure_steps of the default and bad cases;
+# WARMUP_R50 / MEASURE_R50 (default 2 / 6) those of the resnet50 case (a step there takes seconds on 2 cores).
 # Each prints keel tune's table and speed-up (start vs tuned, re-measured alternately in the same run).
 set -u
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -54,8 +55,8 @@ micro_batch = 8
 [memory]
 budget = "1.5GiB"
 [tune]
-warmup_steps = 2
-measure_steps = 2
+warmup_steps = ${WARMUP_R50:-2}
+measure_steps = ${MEASURE_R50:-6}
 TOML
       "$keel" tune "$out/resnet50.toml" --budget-minutes "${BUDGET_R50:-15}" --json >"$out/resnet50.log" 2>&1
       echo "== resnet50: exit $?"; grep -A40 "^ *# *group" "$out/resnet50.log" | grep -v '^{' ;;
