@@ -65,7 +65,7 @@ at::Tensor run(keel::models::Net& m, const at::Tensor& x, const std::string& lab
 }  // namespace
 
 TEST(Inference, LabelsRoundTripAndUnknownSwitchesAreNamed) {
-  for (const char* l : {"plain", "im", "im+fold", "im+fold+cl", "im+fold+cl+bf16", "cl+bf16", "im+cl+bf16w"}) {
+  for (const char* l : {"plain", "im", "im+fold", "im+fold+cl", "im+fold+cl+bf16", "cl+bf16", "im+cl+bf16w", "im+fold+cl+bf16m"}) {
     EXPECT_EQ(InferenceOptions::parse(l).label(), l);
   }
   EXPECT_EQ(InferenceOptions().label(), "im+fold+cl");
@@ -144,6 +144,13 @@ TEST(Inference, Bf16AutocastWithinTheDocumentedTolerance) {
     for (const auto& p : mw->named_parameters()) {
       if (p.value().dim() < 2) EXPECT_EQ(p.value().scalar_type(), at::kFloat) << p.key() << " stays fp32";
     }
+    // The whole model in bf16 (norms and the residual stream rounded too): the same 5% bound, float logits.
+    auto mm = copy_of(ref, name, 3, 10);
+    const at::Tensor bf16m = run(*mm, x, "im+fold+cl+bf16m");
+    EXPECT_EQ(bf16m.scalar_type(), at::kFloat);
+    EXPECT_LT(max_diff(bf16m, expected), 0.05 * scale) << name;
+    std::cout << name << ": bf16m vs fp32 max diff " << max_diff(bf16m, expected) << "\n";
+    for (const auto& p : mm->parameters()) EXPECT_EQ(p.scalar_type(), at::kBFloat16);
   }
 }
 

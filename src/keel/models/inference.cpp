@@ -23,7 +23,7 @@ std::string InferenceOptions::label() const {
   add(inference_mode, "im");
   add(fold_bn, "fold");
   add(channels_last, "cl");
-  add(precision != "fp32", bf16_weights ? std::string("bf16w") : precision);
+  add(precision != "fp32", bf16_model ? std::string("bf16m") : bf16_weights ? std::string("bf16w") : precision);
   return s.empty() ? "plain" : s;
 }
 
@@ -41,9 +41,13 @@ InferenceOptions InferenceOptions::parse(const std::string& label) {
       o.precision = "bf16";
       o.bf16_weights = true;
     }
+    else if (t == "bf16m") {
+      o.precision = "bf16";
+      o.bf16_model = true;
+    }
     else if (t == "fp32") o.precision = "fp32";
     else throw std::invalid_argument("inference setting '" + label + "': unknown switch '" + t +
-                                     "'; expected plain or a '+'-joined list of im, fold, cl, bf16, bf16w, fp16");
+                                     "'; expected plain or a '+'-joined list of im, fold, cl, bf16, bf16w, bf16m, fp16");
   }
   return o;
 }
@@ -60,7 +64,10 @@ int64_t prepare_for_inference(Net& m, const InferenceOptions& o) {
       if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
     }
   }
-  if (o.bf16_weights) {
+  if (o.bf16_model) {
+    TORCH_CHECK(o.precision == "bf16", "a bf16 model needs precision bf16 (setting bf16m)");
+    m.to(at::kBFloat16);
+  } else if (o.bf16_weights) {
     TORCH_CHECK(o.precision == "bf16", "bf16 weights need bf16 autocast (setting bf16w)");
     // By rule, not by module type: the matrices and kernels (*weight, >= 2-D) that autocast would cast per call.
     for (auto& p : m.named_parameters()) {
@@ -84,6 +91,7 @@ at::Tensor infer(Net& m, const at::Tensor& x, const InferenceOptions& o) {
   else ng.emplace();
   const at::Tensor in = o.channels_last && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
   if (o.precision == "fp32") return m.forward(in);
+  if (o.bf16_model) return m.forward(in.to(at::kBFloat16)).to(at::kFloat);
   compat::AutocastGuard ac(x.device().type(), true, o.precision == "bf16" ? at::kBFloat16 : at::kHalf);
   return m.forward(in).to(at::kFloat);
 }

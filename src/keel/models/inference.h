@@ -16,9 +16,12 @@ struct InferenceOptions {
   // autocast in every forward (which re-reads every fp32 weight per call: at batch 1 that traffic is much of the
   // time). Norm parameters, biases, class token and position embeddings stay fp32.
   bool bf16_weights = false;
+  // With bf16: the whole model (every parameter and buffer) and the input in bf16, no autocast: no per-op
+  // casts and a bf16 residual stream (ViTs), at the cost of norms and residual adds rounded to bf16 too.
+  bool bf16_model = false;
 
-  // "plain" (all off, fp32) or '+'-joined switches: im, fold, cl, bf16, bf16w (bf16 + bf16_weights), fp16
-  // (e.g. "im+fold+cl+bf16w").
+  // "plain" (all off, fp32) or '+'-joined switches: im, fold, cl, bf16, bf16w (bf16 + bf16_weights), bf16m
+  // (bf16 + bf16_model), fp16 (e.g. "im+fold+cl+bf16w").
   std::string label() const;
   // Parses a label as above; throws std::invalid_argument naming the unknown switch and the known ones.
   static InferenceOptions parse(const std::string& label);
