@@ -18,6 +18,7 @@
 #include "keel/data/cifar.h"
 #include "keel/data/idx.h"
 #include "keel/data/image_folder.h"
+#include "keel/data/image_io.h"
 #include "keel/data/synthetic.h"
 #include "keel/data/subset.h"
 #include "keel/device/device.h"
@@ -538,13 +539,6 @@ FitResult Trainer::fit(const std::string& resume) {
   // own stream and a resumed run draws on every rank exactly what the uninterrupted run would have,
   // though the checkpoint (written by rank 0) holds no other rank's state.
   data::DeviceAugment aug(augment_options(cfg_), static_cast<uint64_t>(cfg_.run.seed) + 1);
-  auto rank_batch_seed = [&](int64_t global_batch) {
-    uint64_t z = static_cast<uint64_t>(cfg_.run.seed) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(rank_) * 0xBF58476D1CE4E5B9ull +
-                 static_cast<uint64_t>(global_batch) * 0x94D049BB133111EBull + 1;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64 finaliser: nearby inputs, unrelated seeds
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  };
   RankLog log(rank_ == 0, run_dir_, ckpt ? ckpt->step : -1);
 
   const int64_t per_epoch = train_loader.batches_per_epoch();
@@ -842,7 +836,10 @@ FitResult Trainer::fit(const std::string& resume) {
       // CUDA: pinned side-stream copy (queued, not waited for); CPU: nothing to copy.
       at::Tensor images = upload.upload(b->images), labels = upload.upload(b->labels);
       timer.mark(monitor::Phase::kH2D);
-      if (world_ > 1) aug.reseed(rank_batch_seed(epoch * per_epoch + batch_in_epoch));
+      if (world_ > 1) {
+        aug.reseed(data::mix_seed(static_cast<uint64_t>(cfg_.run.seed), static_cast<uint64_t>(rank_),
+                                  static_cast<uint64_t>(epoch * per_epoch + batch_in_epoch)));
+      }
       at::Tensor x = aug.train(images);                 // (N, C, H, W) float
       const at::Tensor targets = aug.mix(x, labels);    // (N) labels, or (N, K) soft targets when mixed
       x = to_layout(x, tc.channels_last);
