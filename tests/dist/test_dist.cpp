@@ -9,8 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <regex>
-#include <set>
 #include <sstream>
 #include <thread>
 
@@ -22,9 +22,7 @@
 
 #include "../cli/cli_util.h"
 #include "../test_util.h"
-#include "keel/config/config.h"
 #include "keel/models/state_dict.h"
-#include "keel/train/trainer.h"
 
 using testing::HasSubstr;
 namespace fs = std::filesystem;
@@ -146,6 +144,36 @@ std::string quick_args(const std::string& dir, const std::string& extra = "") {
          "data.test_limit=10 --set train.batch_size=16 --set run.threads=1 --set data.workers=1 " + extra;
 }
 
+// `keel train --nproc 2` on a long epoch (250 steps), run until step 5 is logged, so that a rank can be
+// killed or frozen mid-epoch. rank1 is rank 1's pid, 0 after a failure (reported here).
+struct TwoRanks {
+  std::unique_ptr<keel::test::KeelChild> child;
+  pid_t rank1 = 0;
+};
+
+TwoRanks two_ranks_at_step_5(const std::string& name, int timeout_seconds) {
+  const std::string dir = keel::test::fresh_dir("dist-" + name);
+  auto sets = base_sets(dir, name, 4000);
+  sets.push_back("train.batch_size=16");
+  sets.push_back("dist.timeout_seconds=" + std::to_string(timeout_seconds));
+  TwoRanks r;
+  r.child = std::make_unique<keel::test::KeelChild>(with_sets({"train", "configs/default.toml", "--nproc", "2"}, sets));
+  keel::test::KeelChild& c = *r.child;
+  const std::string launched = c.started() && c.wait_for("keel: launched 2 ranks") ? c.log() : "";
+  std::smatch m;
+  if (!std::regex_search(launched, m, std::regex("rank 1 \\(pid (\\d+)\\)"))) {
+    ADD_FAILURE() << "no launch line naming rank 1's pid:\n" << c.log();
+  } else if (!c.wait_for("step 5/")) {
+    ADD_FAILURE() << "step 5 never logged:\n" << c.log();
+  } else {
+    r.rank1 = static_cast<pid_t>(std::stol(m[1]));
+  }
+  return r;
+}
+
+// Rank 0's error when it gave up on rank 1: the collective, and rank 1 named as dead or stuck.
+const std::regex kRank1Named("error: dist: rank 0 of 2: .* failed: rank 1 \\(no heartbeat");
+
 }  // namespace
 
 // A model without batch statistics (a ViT: LayerNorm only), 4 SGD steps.
@@ -181,26 +209,17 @@ TEST(DataParallel, SyncBatchNormEquivalentToSingleProcess) {
 }
 
 TEST(DataParallel, KilledRankNamedBySurvivorWithinTimeout) {
-  const std::string dir = keel::test::fresh_dir("dist-kill");
-  auto sets = base_sets(dir, "kill", 4000);
-  sets.push_back("train.batch_size=16");
-  sets.push_back("dist.timeout_seconds=15");
-  keel::test::KeelChild c(with_sets({"train", "configs/default.toml", "--nproc", "2"}, sets));
-  ASSERT_TRUE(c.started());
-  ASSERT_TRUE(c.wait_for("keel: launched 2 ranks")) << c.log();
-  std::smatch m;
-  const std::string launch_line = c.log();
-  ASSERT_TRUE(std::regex_search(launch_line, m, std::regex("rank 1 \\(pid (\\d+)\\)"))) << launch_line;
-  const pid_t rank1 = static_cast<pid_t>(std::stol(m[1]));
-  ASSERT_TRUE(c.wait_for("step 5/")) << c.log();  // mid-epoch (250 steps)
+  TwoRanks run = two_ranks_at_step_5("kill", 15);
+  ASSERT_GT(run.rank1, 0);
+  keel::test::KeelChild& c = *run.child;
+  const pid_t rank1 = run.rank1;
   ASSERT_EQ(kill(rank1, SIGKILL), 0);
   const auto t0 = std::chrono::steady_clock::now();
   const int status = c.finish();
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << c.log();
   // Rank 0's own error names rank 1 as dead, well within dist.timeout_seconds.
-  EXPECT_TRUE(std::regex_search(c.log(), std::regex("error: dist: rank 0 of 2: .* failed: rank 1 \\(no heartbeat")))
-      << c.log();
+  EXPECT_TRUE(std::regex_search(c.log(), kRank1Named)) << c.log();
   EXPECT_THAT(c.log(), HasSubstr("rank 1 (pid " + std::to_string(rank1) + ") was killed by signal 9"));
   EXPECT_LT(waited, 15.0) << c.log();
   std::cout << "survivor stopped " << waited << " s after the kill\n";
@@ -209,18 +228,10 @@ TEST(DataParallel, KilledRankNamedBySurvivorWithinTimeout) {
 // A stuck rank (SIGSTOP: alive, but answering nothing, its heartbeat frozen too): the other stops after
 // dist.timeout_seconds (no socket closes this time) and names it.
 TEST(DataParallel, StuckRankNamedBySurvivorAfterTimeout) {
-  const std::string dir = keel::test::fresh_dir("dist-stuck");
-  auto sets = base_sets(dir, "stuck", 4000);
-  sets.push_back("train.batch_size=16");
-  sets.push_back("dist.timeout_seconds=4");
-  keel::test::KeelChild c(with_sets({"train", "configs/default.toml", "--nproc", "2"}, sets));
-  ASSERT_TRUE(c.started());
-  ASSERT_TRUE(c.wait_for("keel: launched 2 ranks")) << c.log();
-  std::smatch m;
-  const std::string launch_line = c.log();
-  ASSERT_TRUE(std::regex_search(launch_line, m, std::regex("rank 1 \\(pid (\\d+)\\)"))) << launch_line;
-  const pid_t rank1 = static_cast<pid_t>(std::stol(m[1]));
-  ASSERT_TRUE(c.wait_for("step 5/")) << c.log();
+  TwoRanks run = two_ranks_at_step_5("stuck", 4);
+  ASSERT_GT(run.rank1, 0);
+  keel::test::KeelChild& c = *run.child;
+  const pid_t rank1 = run.rank1;
   ASSERT_EQ(kill(rank1, SIGSTOP), 0);
   const auto t0 = std::chrono::steady_clock::now();
   const bool named = c.wait_for("error: dist: rank 0 of 2");
@@ -228,8 +239,7 @@ TEST(DataParallel, StuckRankNamedBySurvivorAfterTimeout) {
   kill(rank1, SIGKILL);  // the launcher would only after timeout + 15 s
   c.finish();
   ASSERT_TRUE(named) << c.log();
-  EXPECT_TRUE(std::regex_search(c.log(), std::regex("error: dist: rank 0 of 2: .* failed: rank 1 \\(no heartbeat")))
-      << c.log();
+  EXPECT_TRUE(std::regex_search(c.log(), kRank1Named)) << c.log();
   // dist.timeout_seconds, plus the 2.5 s heartbeat check, plus slack for a loaded machine.
   EXPECT_GT(waited, 3.5) << c.log();
   EXPECT_LT(waited, 4 + 2.5 + 6) << c.log();
