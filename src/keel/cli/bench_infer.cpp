@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "keel/checkpoint/checkpoint.h"
+#include "keel/compat/torch_compat.h"
 #include "keel/cli/commands.h"
 #include "keel/config/config.h"
 #include "keel/device/device.h"
@@ -38,7 +39,8 @@ struct InferArgs {
   std::string checkpoint;
   std::string model = "resnet50";
   int64_t size = 0, channels = 3, classes = 1000;
-  std::string settings = "plain,im,im+fold,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m";
+  std::string settings = "plain,im,im+fold,im+fold+cl,im+fold+cl+pack,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m,"
+                         "im+fold+cl+pack+bf16m";
   std::string batches = "1,8,32";
   int64_t latency_iters = 20, sweep_iters = 3, warmup = 2, rounds = 1, threads = -1;
   std::string device;
@@ -136,7 +138,8 @@ Plan resolve(const InferArgs& a) {
 struct Measured {
   models::InferenceOptions opts;
   models::NetPtr model;
-  int64_t folded = 0, param_bytes = 0, peak_extra_bytes = 0;
+  models::Prepared prepared;
+  int64_t param_bytes = 0, peak_extra_bytes = 0;
   std::vector<double> latency_ms;
   std::map<int64_t, std::vector<double>> ips;  // batch -> images/s per round
 };
@@ -159,8 +162,9 @@ Runner add_bench_infer(CLI::App* bench) {
   sub->add_option("--classes", a->classes, "classes, when no CONFIG is given")->capture_default_str();
   sub->add_option("--settings", a->settings,
                   "comma-separated settings, each plain or '+'-joined switches: im (inference mode), fold (conv-BN "
-                  "folding), cl (channels_last), bf16 (autocast), bf16w (autocast + weights cast to bf16 once), "
-                  "fp16 (CUDA autocast)")
+                  "folding), cl (channels_last), pack (oneDNN pre-packed linear weights; with fp32 or bf16m), bf16 "
+                  "(autocast), bf16w (autocast + weights cast to bf16 once), bf16m (the whole model in bf16), fp16 "
+                  "(CUDA autocast)")
       ->capture_default_str();
   sub->add_option("--batches", a->batches, "comma-separated batch sizes of the throughput sweep")->capture_default_str();
   sub->add_option("--latency-iters", a->latency_iters, "timed batch-1 forwards per setting and round (0 = none)")
@@ -193,7 +197,12 @@ Runner add_bench_infer(CLI::App* bench) {
       m.model = models::create(plan.spec);
       if (!plan.weights.empty()) models::load_state_dict(*m.model, plan.weights);
       m.model->to(dev);
-      m.folded = models::prepare_for_inference(*m.model, m.opts);
+      m.prepared = models::prepare_for_inference(*m.model, m.opts);
+      if (m.opts.pack && m.prepared.packed == 0) {
+        fmt::print("  note: {}: no linear weight was packed ({}); the setting runs at::linear\n", label,
+                   compat::has_packed_linear() ? "this CPU or device does not support it"
+                                               : "this LibTorch has no mkldnn::_linear_pointwise");
+      }
       for (const auto& p : m.model->parameters()) m.param_bytes += p.numel() * p.element_size();
       ms.push_back(std::move(m));
     }
@@ -258,7 +267,7 @@ Runner add_bench_infer(CLI::App* bench) {
       nlohmann::json j = {{"setting", m.opts.label()},
                           {"latency_ms", {{"p50", p50}, {"p90", p90}, {"p99", p99}, {"max", mx}, {"samples", m.latency_ms}}},
                           {"peak_extra_bytes", m.peak_extra_bytes}, {"param_bytes", m.param_bytes},
-                          {"batchnorms_folded", m.folded}};
+                          {"batchnorms_folded", m.prepared.folded}, {"linears_packed", m.prepared.packed}};
       for (int64_t b : batches) {
         const double ips = median(m.ips[b]);
         line += fmt::format(" {:10.1f}", ips);

@@ -1,6 +1,7 @@
 // The one place for LibTorch calls whose API differs between 1.13 (Debian) and 2.x (PyPI wheel).
 #pragma once
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/Functions.h>
 #include <c10/core/Allocator.h>
@@ -167,6 +168,65 @@ constexpr bool kHasSdpa = false;
 inline at::Tensor scaled_dot_product_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "scaled_dot_product_attention needs LibTorch >= 2.0 (this is ", TORCH_VERSION,
               "); use attention = \"keel\"");
+}
+#endif
+
+// oneDNN pre-packed linear layers (models/packed_linear.h). LibTorch >= 2.0 on CPU registers the dispatcher
+// operators TorchInductor uses for frozen linears: mkldnn::_reorder_linear_weight (weight (out, in) -> an opaque
+// tensor in oneDNN's blocked layout) and mkldnn::_linear_pointwise (x W^T + b from that layout, with an optional
+// fused post-op). They have no public C++ API, so they are found by name at run time: a LibTorch built without
+// oneDNN has none, and on 1.13 (which predates them) has_packed_linear() is false.
+#if KEEL_TORCH_AT_LEAST(2, 0)
+namespace detail {
+struct PackedLinearOps {
+  using Reorder = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+  using Pointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                               std::optional<c10::string_view>);
+  std::optional<c10::TypedOperatorHandle<Reorder>> reorder;
+  std::optional<c10::TypedOperatorHandle<Pointwise>> pointwise;
+};
+inline const PackedLinearOps& packed_linear_ops() {
+  static const PackedLinearOps ops = [] {
+    PackedLinearOps o;
+    auto& d = c10::Dispatcher::singleton();
+    auto r = d.findSchema({"mkldnn::_reorder_linear_weight", ""});
+    auto p = d.findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!r || !p) return o;
+    try {  // typed() checks the C++ signature against the registered kernel's: a changed one means "absent"
+      o.reorder = r->typed<PackedLinearOps::Reorder>();
+      o.pointwise = p->typed<PackedLinearOps::Pointwise>();
+    } catch (const c10::Error&) {
+      o = PackedLinearOps{};
+    }
+    return o;
+  }();
+  return ops;
+}
+}  // namespace detail
+inline bool has_packed_linear() { return detail::packed_linear_ops().pointwise.has_value(); }
+// weight (out, in), contiguous CPU fp32/bf16 -> the packed (opaque) weight; throws where the CPU lacks the dtype.
+inline at::Tensor reorder_linear_weight(const at::Tensor& weight) {
+  TORCH_CHECK(has_packed_linear(), "packed linear: this LibTorch has no mkldnn::_reorder_linear_weight");
+  return detail::packed_linear_ops().reorder->call(weight, std::nullopt);
+}
+// x (..., in) -> (..., out) = x W^T + bias through the packed weight, then the post-op `attr` ("none" or "gelu";
+// for gelu, algorithm "none" is the exact erf form, "tanh" the approximation).
+inline at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+                                   c10::string_view attr, c10::string_view algorithm) {
+  TORCH_CHECK(has_packed_linear(), "packed linear: this LibTorch has no mkldnn::_linear_pointwise");
+  return detail::packed_linear_ops().pointwise->call(
+      x, packed, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, attr,
+      c10::List<std::optional<at::Scalar>>(), std::optional<c10::string_view>(algorithm));
+}
+#else
+inline bool has_packed_linear() { return false; }
+inline at::Tensor reorder_linear_weight(const at::Tensor&) {
+  TORCH_CHECK(false, "packed linear layers need LibTorch >= 2.0 (this is ", TORCH_VERSION, ")");
+}
+inline at::Tensor linear_pointwise(const at::Tensor&, const at::Tensor&, const at::Tensor&, const char*,
+                                   const char*) {
+  TORCH_CHECK(false, "packed linear layers need LibTorch >= 2.0 (this is ", TORCH_VERSION, ")");
 }
 #endif
 

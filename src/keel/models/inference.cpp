@@ -23,6 +23,7 @@ std::string InferenceOptions::label() const {
   add(inference_mode, "im");
   add(fold_bn, "fold");
   add(channels_last, "cl");
+  add(pack, "pack");
   add(precision != "fp32", bf16_model ? std::string("bf16m") : bf16_weights ? std::string("bf16w") : precision);
   return s.empty() ? "plain" : s;
 }
@@ -36,6 +37,7 @@ InferenceOptions InferenceOptions::parse(const std::string& label) {
     if (t == "im") o.inference_mode = true;
     else if (t == "fold") o.fold_bn = true;
     else if (t == "cl") o.channels_last = true;
+    else if (t == "pack") o.pack = true;
     else if (t == "bf16" || t == "fp16") o.precision = t;
     else if (t == "bf16w") {
       o.precision = "bf16";
@@ -47,16 +49,20 @@ InferenceOptions InferenceOptions::parse(const std::string& label) {
     }
     else if (t == "fp32") o.precision = "fp32";
     else throw std::invalid_argument("inference setting '" + label + "': unknown switch '" + t +
-                                     "'; expected plain or a '+'-joined list of im, fold, cl, bf16, bf16w, bf16m, fp16");
+                                     "'; expected plain or a '+'-joined list of im, fold, cl, pack, bf16, bf16w, bf16m, fp16");
   }
   return o;
 }
 
-int64_t prepare_for_inference(Net& m, const InferenceOptions& o) {
+Prepared prepare_for_inference(Net& m, const InferenceOptions& o) {
+  if (o.pack && o.precision != "fp32" && !o.bf16_model) {
+    throw std::invalid_argument("inference setting '" + o.label() + "': pack keeps the weights in one dtype, which "
+                                "autocast would override per call; use pack with fp32 or bf16m");
+  }
   m.eval();
-  int64_t folded = 0;
+  Prepared done;
   if (o.fold_bn) {
-    if (auto* r = dynamic_cast<ResNet*>(&m)) folded = r->fold_batchnorm();
+    if (auto* r = dynamic_cast<ResNet*>(&m)) done.folded = r->fold_batchnorm();
   }
   torch::NoGradGuard ng;
   if (o.channels_last) {
@@ -77,7 +83,8 @@ int64_t prepare_for_inference(Net& m, const InferenceOptions& o) {
       }
     }
   }
-  return folded;
+  if (o.pack) done.packed = m.pack_linear_weights();  // after the dtype change: packed in the compute dtype
+  return done;
 }
 
 at::Tensor infer(Net& m, const at::Tensor& x, const InferenceOptions& o) {

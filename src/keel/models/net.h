@@ -20,6 +20,10 @@ struct Net : torch::nn::Module {
   // load_state_dict checks it (a ViT saved at another image size: its position embeddings are interpolated).
   // The default returns it unchanged.
   virtual NamedTensors adapt_state_dict(const NamedTensors& sd) const { return sd; }
+  // Packs every linear layer's weight for oneDNN (models/packed_linear.h; the `pack` inference switch) in its
+  // current dtype and returns how many were packed (0 where this LibTorch or CPU cannot). A packed copy is used
+  // only while its weight is unchanged and gradients are off, so training after it stays correct. Default: none.
+  virtual int64_t pack_linear_weights() { return 0; }
 };
 
 using NetPtr = std::shared_ptr<Net>;

@@ -128,7 +128,7 @@ at::Tensor ResNet::forward(at::Tensor x) {
   }
   for (auto& stage : stages) x = opts.checkpoint_stages ? checkpointed_forward(stage, x) : stage->forward(x);
   x = x.mean({2, 3});  // (N, C_last)
-  return watch("fc", fc(x));
+  return watch("fc", fc_packed(x, fc->weight, fc->bias));
 }
 
 namespace {

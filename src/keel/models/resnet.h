@@ -8,6 +8,7 @@
 #include <torch/nn/modules/pooling.h>
 #include <optional>
 #include "keel/models/net.h"
+#include "keel/models/packed_linear.h"
 
 namespace keel::models {
 
@@ -53,12 +54,15 @@ struct ResNet : Net {
   // Returns the number of BatchNorms folded (0 when already folded).
   int64_t fold_batchnorm();
   bool folded() const { return folded_; }
+  // The fc layer (the convs are not packed): 1.
+  int64_t pack_linear_weights() override { return fc_packed.pack(fc->weight); }
 
   ResNetOptions opts;
   torch::nn::Conv2d conv1{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr};
   std::vector<torch::nn::Sequential> stages;
   torch::nn::Linear fc{nullptr};
+  PackedLinear fc_packed;
 
  private:
   bool folded_ = false;

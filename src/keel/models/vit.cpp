@@ -83,11 +83,11 @@ SelfAttentionImpl::SelfAttentionImpl(int64_t dim_, int64_t heads_, AttentionImpl
 at::Tensor SelfAttentionImpl::forward(const at::Tensor& x) {
   // x: (N, L, D) -> (N, L, D)
   const int64_t N = x.size(0), L = x.size(1), d = dim / heads;
-  at::Tensor qkv = at::linear(x, in_proj_weight, in_proj_bias)  // (N, L, 3D): one GEMM for q, k and v
+  at::Tensor qkv = in_proj_packed(x, in_proj_weight, in_proj_bias)  // (N, L, 3D): one GEMM for q, k and v
                        .view({N, L, 3, heads, d})
                        .permute({2, 0, 3, 1, 4});  // (3, N, H, L, d), a view
   at::Tensor o = attention(qkv[0], qkv[1], qkv[2], impl);  // (N, H, L, d)
-  return out_proj(o.transpose(1, 2).reshape({N, L, dim}));
+  return out_proj_packed(o.transpose(1, 2).reshape({N, L, dim}), out_proj->weight, out_proj->bias);
 }
 
 EncoderBlockImpl::EncoderBlockImpl(const ViTOptions& o, std::string path_)
@@ -109,7 +109,8 @@ EncoderBlockImpl::EncoderBlockImpl(const ViTOptions& o, std::string path_)
 at::Tensor EncoderBlockImpl::forward(const at::Tensor& x) {
   // x: (N, L, D) -> (N, L, D). Under autocast the residual stream stays fp32 (x + a bf16 branch promotes).
   at::Tensor y = x + watch(n_attn, self_attention(ln_1(x)));
-  return watch(path, y + watch(n_mlp, fc2(at::gelu(fc1(ln_2(y))))));
+  const at::Tensor h = fc1_packed(ln_2(y), fc1->weight, fc1->bias, /*gelu=*/true);
+  return watch(path, y + watch(n_mlp, fc2_packed(h, fc2->weight, fc2->bias)));
 }
 
 namespace {
@@ -163,12 +164,23 @@ at::Tensor VisionTransformer::forward(at::Tensor x) {
   x = x + pos_embedding;
   for (auto& b : blocks) x = b->forward(x);
   x = watch("encoder.ln", ln(x));
-  return watch("heads.head", head(x.select(1, 0)));  // class token -> (N, num_classes)
+  return watch("heads.head", head_packed(x.select(1, 0), head->weight, head->bias));  // class token -> (N, num_classes)
 }
 
 void VisionTransformer::set_attention(AttentionImpl impl) {
   opts.attention = impl;
   for (auto& b : blocks) b->self_attention->impl = impl;
+}
+
+int64_t VisionTransformer::pack_linear_weights() {
+  int64_t n = 0;
+  for (auto& b : blocks) {
+    n += b->self_attention->in_proj_packed.pack(b->self_attention->in_proj_weight);
+    n += b->self_attention->out_proj_packed.pack(b->self_attention->out_proj->weight);
+    n += b->fc1_packed.pack(b->fc1->weight);
+    n += b->fc2_packed.pack(b->fc2->weight);
+  }
+  return n + head_packed.pack(head->weight);
 }
 
 double VisionTransformer::macs_per_image(int64_t height, int64_t width) const {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 #include "keel/models/net.h"
+#include "keel/models/packed_linear.h"
 
 namespace keel::models {
 
@@ -53,6 +54,7 @@ struct SelfAttentionImpl : torch::nn::Module {
   AttentionImpl impl;
   at::Tensor in_proj_weight, in_proj_bias;
   torch::nn::Linear out_proj{nullptr};
+  PackedLinear in_proj_packed, out_proj_packed;  // set by VisionTransformer::pack_linear_weights
 };
 TORCH_MODULE(SelfAttention);
 
@@ -66,6 +68,7 @@ struct EncoderBlockImpl : torch::nn::Module {
   SelfAttention self_attention{nullptr};
   torch::nn::Sequential mlp{nullptr};
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};  // mlp.0 and mlp.3 (the same modules)
+  PackedLinear fc1_packed, fc2_packed;            // fc1's carries the GELU as a fused post-op
 };
 TORCH_MODULE(EncoderBlock);
 
@@ -79,6 +82,8 @@ struct VisionTransformer : Net {
   NamedTensors adapt_state_dict(const NamedTensors& sd) const override;
   // Switches every block's attention implementation (e.g. to the reference in tests).
   void set_attention(AttentionImpl impl);
+  // Every block's QKV, out_proj, fc1 (GELU fused) and fc2, and the head: 4 * num_layers + 1.
+  int64_t pack_linear_weights() override;
 
   ViTOptions opts;
   torch::nn::Conv2d conv_proj{nullptr};
@@ -88,6 +93,7 @@ struct VisionTransformer : Net {
   std::vector<EncoderBlock> blocks;  // encoder.layers.encoder_layer_N
   torch::nn::LayerNorm ln{nullptr};  // encoder.ln
   torch::nn::Linear head{nullptr};   // heads.head
+  PackedLinear head_packed;
 };
 
 // torchvision's interpolate_embeddings: pos (1, 1 + g^2, D) -> (1, 1 + new_grid^2, D), the class-token
