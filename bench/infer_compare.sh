@@ -5,7 +5,7 @@
 #   bash bench/infer_compare.sh [THREADS]
 # env: LAT (timed batch-1 forwards, 10), SWEEP (timed batch-32 forwards, 2), WARMUP (untimed forwards before each, 1),
 #      MODELS ("resnet50 vit_s_16"), KEEL (build/keel), OUT (build/bench-infer),
-#      SETTINGS (keel's: plain,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m),
+#      SETTINGS (keel's: plain,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m,im+fold+cl+pack+bf16m),
 #      PEERS (Pythons: "/usr/bin/python3 .venv-torch/bin/python", those that exist), PEER_SETTINGS (peer_infer.py's)
 # Writes OUT/*.json and prints the ratio table (bench/infer_ratios.py); docs/inference.md has the measured one.
 set -euo pipefail
@@ -34,7 +34,7 @@ for model in ${MODELS:-resnet50 vit_s_16}; do
     load="--load"  # every peer and keel measure the weights the first peer wrote
   done
   "$keel" bench infer --model "$keel_model" --size 224 --channels 3 --classes 1000 --checkpoint "$out/$model.pt" \
-    --threads "$threads" --settings "${SETTINGS:-plain,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m}" --batches 32 --latency-iters "$lat" \
+    --threads "$threads" --settings "${SETTINGS:-plain,im+fold+cl,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m,im+fold+cl+pack+bf16m}" --batches 32 --latency-iters "$lat" \
     --sweep-iters "$sweep" --warmup "$warmup" --json | tail -n1 > "$out/keel-$model.json"
 done
 echo "# done: load $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
+#include "keel/compat/torch_compat.h"
 #include "cli_util.h"
 
 using keel::test::last_line;
@@ -67,13 +68,16 @@ TEST(BenchInfer, TrainedViTCheckpointAndExport) {
   const std::string ckpt = dir + "/vit/checkpoints/step-00000002";
   ASSERT_TRUE(fs::is_directory(ckpt)) << t.out;
   auto r = keel::test::run_keel("bench infer --checkpoint " + ckpt +
-                                " --settings plain,im+cl --batches 2 --latency-iters 3 --sweep-iters 1 --warmup 1 --json");
+                                " --settings plain,im+cl,im+cl+pack+bf16m --batches 2 --latency-iters 3 --sweep-iters 1 --warmup 1 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   const auto j = nlohmann::json::parse(last_line(r.out));
   EXPECT_EQ(j.at("model"), "vit_tiny_16");
   EXPECT_EQ(j.at("size"), 32);
   EXPECT_THAT(j.at("weights").get<std::string>(), HasSubstr("step 2"));
-  expect_result(j, {"plain", "im+cl"}, {2});
+  expect_result(j, {"plain", "im+cl", "im+cl+pack+bf16m"}, {2});
+  // Every block's 4 linears and the head, packed where this LibTorch has oneDNN's packed linears (2.x).
+  EXPECT_EQ(j["settings"][1].at("linears_packed"), 0);
+  EXPECT_EQ(j["settings"][2].at("linears_packed"), keel::compat::has_packed_linear() ? 4 * 12 + 1 : 0);
   // The run's weights: the result is kept in the run directory, and its report shows it.
   EXPECT_THAT(r.out, HasSubstr("written to " + fs::absolute(dir + "/vit/bench/infer.json").lexically_normal().string()));
   EXPECT_EQ(nlohmann::json::parse(keel::test::read_file(dir + "/vit/bench/infer.json")), j);
@@ -100,6 +104,9 @@ TEST(BenchInfer, BadArgumentsAreErrors) {
   auto r = keel::test::run_keel("bench infer --model resnet20 --channels 1 --classes 10 --size 28 --settings im+jit");
   EXPECT_NE(r.code, 0);
   EXPECT_THAT(r.out, HasSubstr("'jit'"));
+  r = keel::test::run_keel("bench infer --model resnet20 --channels 1 --classes 10 --size 28 --settings im+pack+bf16w");
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.out, HasSubstr("'im+pack+bf16w': pack keeps the weights in one dtype"));
   r = keel::test::run_keel("bench infer --model vit_tiny_16 --size 40 --settings plain");
   EXPECT_NE(r.code, 0);
   EXPECT_THAT(r.out, HasSubstr("patch size"));
