@@ -229,7 +229,8 @@ TEST(PackedLinear, TrainingAfterPackingGetsGradientsThroughTheWeights) {
   torch::manual_seed(6);
   m->forward(at::randn({2, 3, 64, 64})).square().sum().backward();
   auto& vit = dynamic_cast<keel::models::VisionTransformer&>(*m);
-  for (const at::Tensor& w : {vit.blocks[0]->self_attention->in_proj_weight, vit.blocks[0]->fc1->weight, vit.head->weight}) {
+  for (const at::Tensor& w :
+       {vit.blocks[0]->self_attention->in_proj_weight, vit.blocks[0]->fc1->weight, vit.head->weight}) {
     ASSERT_TRUE(w.grad().defined());
     EXPECT_GT(w.grad().abs().sum().item<double>(), 0.0);
   }

@@ -39,8 +39,9 @@ struct InferArgs {
   std::string checkpoint;
   std::string model = "resnet50";
   int64_t size = 0, channels = 3, classes = 1000;
-  std::string settings = "plain,im,im+fold,im+fold+cl,im+fold+cl+pack,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m,"
-                         "im+fold+cl+pack+bf16m";
+  std::string settings =
+      "plain,im,im+fold,im+fold+cl,im+fold+cl+pack,im+fold+cl+bf16,im+fold+cl+bf16w,im+fold+cl+bf16m,"
+      "im+fold+cl+pack+bf16m";
   std::string batches = "1,8,32";
   int64_t latency_iters = 20, sweep_iters = 3, warmup = 2, rounds = 1, threads = -1;
   std::string device;

@@ -1,6 +1,7 @@
 // Inference optimisations, each switchable: inference mode, conv-BatchNorm folding (ResNets), channels_last,
-// oneDNN pre-packed linear weights, bf16 autocast or a bf16 model. `keel bench infer` measures them one by one; tests/models/test_inference.cpp checks each one's
-// numerics. (Intra-op thread count is the caller's: train::configure_threads.)
+// oneDNN pre-packed linear weights, bf16 autocast or a bf16 model. `keel bench infer` measures them one by one;
+// tests/models/test_inference.cpp checks each one's numerics. (Intra-op thread count is the caller's:
+// train::configure_threads.)
 #pragma once
 #include <string>
 #include "keel/models/net.h"

@@ -164,7 +164,8 @@ at::Tensor VisionTransformer::forward(at::Tensor x) {
   x = x + pos_embedding;
   for (auto& b : blocks) x = b->forward(x);
   x = watch("encoder.ln", ln(x));
-  return watch("heads.head", head_packed(x.select(1, 0), head->weight, head->bias));  // class token -> (N, num_classes)
+  // class token -> (N, num_classes)
+  return watch("heads.head", head_packed(x.select(1, 0), head->weight, head->bias));
 }
 
 void VisionTransformer::set_attention(AttentionImpl impl) {
