@@ -145,6 +145,12 @@ TEST(Report, ShowsKeelTuneTrialsOfTheRunName) {
   EXPECT_THAT(html, HasSubstr("train.micro_batch = 0 &mdash; keel tune: was 8; trial 2 (memory)"));
   EXPECT_THAT(html, HasSubstr("out of memory &lt;at 1&gt;"));
   EXPECT_THAT(html, HasSubstr("<td>failed</td>"));
+  // A hand-edited file with a field of the wrong type: a note in place of the section, the rest of the report kept.
+  std::ofstream(dir + "/tune/tune.json") << R"J({"config":7,"trials":"none"})J";
+  const std::string bad = test_util::read_file(write_report(dir, fake_environment(), "here"));
+  EXPECT_THAT(bad, Not(HasSubstr("Tuning (keel tune)")));
+  EXPECT_THAT(bad, HasSubstr("tune/tune.json: a field has an unexpected type, not shown"));
+  EXPECT_THAT(bad, HasSubstr("Resolved config"));
 }
 
 TEST(Report, ShowsTheInferenceBenchmarkOfTheRunsWeights) {
@@ -163,6 +169,12 @@ TEST(Report, ShowsTheInferenceBenchmarkOfTheRunsWeights) {
   html = test_util::read_file(write_report(dir, fake_environment(), "here"));
   EXPECT_THAT(html, Not(HasSubstr("Inference benchmark")));
   EXPECT_THAT(html, HasSubstr("bench/infer.json: not a JSON object, not shown"));
+  // Valid JSON with a field of the wrong type (settings not an array of objects): a note, not a failed report.
+  std::ofstream(dir + "/bench/infer.json") << R"J({"model":"resnet20","batches":[1],"settings":[3]})J";
+  html = test_util::read_file(write_report(dir, fake_environment(), "here"));
+  EXPECT_THAT(html, Not(HasSubstr("Inference benchmark")));
+  EXPECT_THAT(html, HasSubstr("bench/infer.json: a field has an unexpected type, not shown"));
+  EXPECT_THAT(html, HasSubstr("Resolved config"));
 }
 
 TEST(Report, RendersInHeadlessChromiumWithEveryChartDrawn) {

@@ -322,6 +322,60 @@ nlohmann::json report_charts(const RunRecords& run) {
   return charts;
 }
 
+namespace {
+
+// keel tune's trials for this run name (tune/tune.json).
+void tune_section(std::ostream& h, const nlohmann::json& t) {
+  h << "<h2>Tuning (keel tune)</h2>\n<p id=\"tune\">" << esc(t.value("config", "")) << " &rarr; "
+    << esc(t.value("tuned_config", "")) << ": " << fmt::format("{:.1f} &rarr; {:.1f} images/s (x{:.2f})",
+                                                                  t.value("start_images_per_second", 0.0),
+                                                                  t.value("best_images_per_second", 0.0),
+                                                                  t.value("speedup", 0.0))
+    << ", re-measured in the same run.</p>\n<ul class=\"advice\">";
+  for (const auto& c : t.value("changes", nlohmann::json::array())) {
+    h << "<li>" << esc(c.value("key", "")) << " = " << esc(c.value("value", "")) << " &mdash; "
+      << esc(c.value("reason", "")) << "</li>";
+  }
+  h << "</ul>\n<table id=\"tune-trials\"><tr><th>#</th><th class=\"l\">group</th><th>images/s</th>"
+       "<th>data wait</th><th>peak memory</th><th>micro-batch</th><th class=\"l\">settings</th></tr>\n";
+  int i = 0;
+  for (const auto& x : t.value("trials", nlohmann::json::array())) {
+    const std::string err = x.value("error", "");
+    h << "<tr><td>" << ++i << "</td><td class=\"l\">" << esc(x.value("group", "")) << "</td><td>"
+      << (err.empty() ? cell(x, "images_per_second", "") : std::string("failed")) << "</td><td>"
+      << cell(x, "data_wait_share", "pct") << "</td><td>" << cell(x, "peak_memory_bytes", "bytes") << "</td><td>"
+      << cell(x, "resolved_micro_batch", "int") << "</td><td class=\"l\">"
+      << esc(x.value("settings", nlohmann::json::object()).dump() + (err.empty() ? "" : " " + err.substr(0, 200)))
+      << "</td></tr>\n";
+  }
+  h << "</table>\n";
+}
+
+// keel bench infer on the run's weights (bench/infer.json): latency percentiles and throughput per setting.
+void infer_section(std::ostream& h, const nlohmann::json& b) {
+  if (!b.contains("settings")) return;
+  const auto batches = b.value("batches", nlohmann::json::array());
+  h << "<h2>Inference benchmark (keel bench infer)</h2>\n<p id=\"infer\">" << esc(b.value("model", "")) << ", "
+    << b.value("channels", 0) << "x" << b.value("size", 0) << "x" << b.value("size", 0) << ", weights: "
+    << esc(b.value("weights", "")) << ", " << esc(b.value("device", "")) << " with " << b.value("threads", 0)
+    << " threads; latency over " << b.value("latency_iters", 0) << " batch-1 forwards per round, "
+    << b.value("rounds", 0) << " round(s).</p>\n<table id=\"infer-settings\"><tr><th class=\"l\">setting</th>"
+       "<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th>";
+  for (const auto& n : batches) h << "<th>batch " << n.dump() << " images/s</th>";
+  h << "<th>peak memory</th></tr>\n";
+  for (const auto& x : b["settings"]) {
+    const auto lat = x.value("latency_ms", nlohmann::json::object());
+    h << "<tr><td class=\"l\">" << esc(x.value("setting", "")) << "</td>";
+    for (const char* k : {"p50", "p90", "p99", "max"}) h << "<td>" << cell(lat, k, "") << "</td>";
+    const auto ips = x.value("images_per_second", nlohmann::json::object());
+    for (const auto& n : batches) h << "<td>" << cell(ips, n.dump().c_str(), "") << "</td>";
+    h << "<td>" << cell(x, "peak_extra_bytes", "bytes") << "</td></tr>\n";
+  }
+  h << "</table>\n";
+}
+
+}  // namespace
+
 std::string render_report(const RunRecords& run, const nlohmann::json& environment,
                           const std::string& environment_note) {
   const nlohmann::json charts = report_charts(run);
@@ -444,56 +498,23 @@ std::string render_report(const RunRecords& run, const nlohmann::json& environme
     h << "</table>\n";
   }
 
-  // keel tune's trials for this run name (tune/tune.json).
-  if (run.tune.is_object()) {
-    const auto& t = run.tune;
-    h << "<h2>Tuning (keel tune)</h2>\n<p id=\"tune\">" << esc(t.value("config", "")) << " &rarr; "
-      << esc(t.value("tuned_config", "")) << ": " << fmt::format("{:.1f} &rarr; {:.1f} images/s (x{:.2f})",
-                                                                    t.value("start_images_per_second", 0.0),
-                                                                    t.value("best_images_per_second", 0.0),
-                                                                    t.value("speedup", 0.0))
-      << ", re-measured in the same run.</p>\n<ul class=\"advice\">";
-    for (const auto& c : t.value("changes", nlohmann::json::array())) {
-      h << "<li>" << esc(c.value("key", "")) << " = " << esc(c.value("value", "")) << " &mdash; "
-        << esc(c.value("reason", "")) << "</li>";
+  // Records other commands wrote (tune/tune.json, bench/infer.json). They parsed as JSON objects; a field of an
+  // unexpected type (a hand-edited file) gives a note in place of its section instead of failing the report.
+  auto optional_section = [&](const nlohmann::json& j, const char* file,
+                              void (*section)(std::ostream&, const nlohmann::json&)) {
+    if (!j.is_object()) return;
+    std::ostringstream s;
+    try {
+      section(s, j);
+      h << s.str();
+    } catch (const nlohmann::json::exception& e) {
+      h << "<ul class=\"note\"><li>"
+        << esc(run.run_dir + "/" + file + ": a field has an unexpected type, not shown (" + e.what() + ")")
+        << "</li></ul>\n";
     }
-    h << "</ul>\n<table id=\"tune-trials\"><tr><th>#</th><th class=\"l\">group</th><th>images/s</th>"
-         "<th>data wait</th><th>peak memory</th><th>micro-batch</th><th class=\"l\">settings</th></tr>\n";
-    int i = 0;
-    for (const auto& x : t.value("trials", nlohmann::json::array())) {
-      const std::string err = x.value("error", "");
-      h << "<tr><td>" << ++i << "</td><td class=\"l\">" << esc(x.value("group", "")) << "</td><td>"
-        << (err.empty() ? cell(x, "images_per_second", "") : std::string("failed")) << "</td><td>"
-        << cell(x, "data_wait_share", "pct") << "</td><td>" << cell(x, "peak_memory_bytes", "bytes") << "</td><td>"
-        << cell(x, "resolved_micro_batch", "int") << "</td><td class=\"l\">"
-        << esc(x.value("settings", nlohmann::json::object()).dump() + (err.empty() ? "" : " " + err.substr(0, 200)))
-        << "</td></tr>\n";
-    }
-    h << "</table>\n";
-  }
-
-  // keel bench infer on the run's weights (bench/infer.json): latency percentiles and throughput per setting.
-  if (run.infer.is_object() && run.infer.contains("settings")) {
-    const auto& b = run.infer;
-    const auto batches = b.value("batches", nlohmann::json::array());
-    h << "<h2>Inference benchmark (keel bench infer)</h2>\n<p id=\"infer\">" << esc(b.value("model", "")) << ", "
-      << b.value("channels", 0) << "x" << b.value("size", 0) << "x" << b.value("size", 0) << ", weights: "
-      << esc(b.value("weights", "")) << ", " << esc(b.value("device", "")) << " with " << b.value("threads", 0)
-      << " threads; latency over " << b.value("latency_iters", 0) << " batch-1 forwards per round, "
-      << b.value("rounds", 0) << " round(s).</p>\n<table id=\"infer-settings\"><tr><th class=\"l\">setting</th>"
-         "<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th>";
-    for (const auto& n : batches) h << "<th>batch " << n.dump() << " images/s</th>";
-    h << "<th>peak memory</th></tr>\n";
-    for (const auto& x : b["settings"]) {
-      const auto lat = x.value("latency_ms", nlohmann::json::object());
-      h << "<tr><td class=\"l\">" << esc(x.value("setting", "")) << "</td>";
-      for (const char* k : {"p50", "p90", "p99", "max"}) h << "<td>" << cell(lat, k, "") << "</td>";
-      const auto ips = x.value("images_per_second", nlohmann::json::object());
-      for (const auto& n : batches) h << "<td>" << cell(ips, n.dump().c_str(), "") << "</td>";
-      h << "<td>" << cell(x, "peak_extra_bytes", "bytes") << "</td></tr>\n";
-    }
-    h << "</table>\n";
-  }
+  };
+  optional_section(run.tune, "tune/tune.json", tune_section);
+  optional_section(run.infer, "bench/infer.json", infer_section);
 
   // Profiles written by --profile-steps: the top of each operator table.
   for (const auto& e : run.events) {
