@@ -224,8 +224,8 @@ inline bool has_packed_linear() { return false; }
 inline at::Tensor reorder_linear_weight(const at::Tensor&) {
   TORCH_CHECK(false, "packed linear layers need LibTorch >= 2.0 (this is ", TORCH_VERSION, ")");
 }
-inline at::Tensor linear_pointwise(const at::Tensor&, const at::Tensor&, const at::Tensor&, const char*,
-                                   const char*) {
+inline at::Tensor linear_pointwise(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+                                   c10::string_view) {
   TORCH_CHECK(false, "packed linear layers need LibTorch >= 2.0 (this is ", TORCH_VERSION, ")");
 }
 #endif

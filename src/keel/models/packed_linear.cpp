@@ -27,7 +27,7 @@ bool packed_linear_supported(at::ScalarType dtype) {
 }
 
 bool PackedLinear::pack(const at::Tensor& weight) {
-  clear();
+  *this = PackedLinear();
   TORCH_CHECK(weight.dim() == 2, "packed linear: expected a weight (out, in), got ", weight.sizes());
   // An inference tensor has no version counter, so a later in-place change could not be detected.
   if (!weight.device().is_cpu() || weight.is_inference() || !packed_linear_supported(weight.scalar_type())) {
@@ -38,12 +38,6 @@ bool PackedLinear::pack(const at::Tensor& weight) {
   source_ = weight.data_ptr();
   version_ = weight._version();
   return true;
-}
-
-void PackedLinear::clear() {
-  packed_ = at::Tensor();
-  source_ = nullptr;
-  version_ = 0;
 }
 
 bool PackedLinear::usable(const at::Tensor& x, const at::Tensor& weight) const {

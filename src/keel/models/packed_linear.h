@@ -24,8 +24,6 @@ class PackedLinear {
  public:
   // Packs `weight` (out, in; CPU, fp32 or bf16). Returns false (and packs nothing) where unsupported.
   bool pack(const at::Tensor& weight);
-  void clear();
-  bool packed() const { return packed_.defined(); }
 
   // linear(x, weight, bias), then exact (erf) GELU when `gelu`; the packed path fuses the GELU into the GEMM.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
