@@ -62,11 +62,15 @@ DataParallel::DataParallel(Comm& comm, torch::nn::Module& model, DataParallelOpt
       n += params_[p].numel();
     }
     offsets_.push_back(off);
-    flat_.push_back(at::empty({n}, params_[b.front()].options()));
-    stats_.bytes_per_step += n * static_cast<int64_t>(params_[b.front()].element_size());
+    // After the gradients, one flag per parameter (see launch): the same all-reduce counts the ranks
+    // that had a gradient for it, so no extra collective is needed to tell the unused ones.
+    flag_offset_.push_back(n);
+    flat_.push_back(at::empty({n + static_cast<int64_t>(b.size())}, params_[b.front()].options()));
+    stats_.bytes_per_step += (n + static_cast<int64_t>(b.size())) * static_cast<int64_t>(params_[b.front()].element_size());
   }
   stats_.buckets = static_cast<int64_t>(flat_.size());
   pending_.resize(flat_.size());
+  local_used_.assign(params_.size(), 0);
   hook_state_->owner = this;
   for (size_t i = 0; i < params_.size(); ++i) {
     auto acc = torch::autograd::impl::grad_accumulator(params_[i]);
@@ -114,12 +118,22 @@ void DataParallel::launch(size_t b, bool zeros) {
   torch::NoGradGuard ng;
   const auto& bucket = tracker_.buckets()[b];
   at::Tensor& flat = flat_[b];
+  // A parameter whose .grad is undefined now got no gradient on this rank in any micro-batch of the step
+  // (its hook may still have fired, with an undefined gradient): it sends zeros and flag 0.
+  at::Tensor flags = flat.narrow(0, flag_offset_[b], static_cast<int64_t>(bucket.size()));
+  flags.fill_(1);  // one fill, then a zero for each unused parameter (usually none)
   for (size_t k = 0; k < bucket.size(); ++k) {
     const at::Tensor& p = params_[bucket[k]];
     at::Tensor slice = flat.narrow(0, offsets_[b][k], p.numel()).view(p.sizes());
     const at::Tensor& g = p.grad();
-    if (zeros || !g.defined()) slice.zero_();
-    else slice.copy_(g);
+    const bool used = !zeros && g.defined();
+    local_used_[bucket[k]] = used ? 1 : 0;
+    if (used) {
+      slice.copy_(g);
+    } else {
+      slice.zero_();
+      flags[static_cast<int64_t>(k)].fill_(0);
+    }
   }
   pending_[b] = comm_.allreduce_async(flat, fmt::format("all-reduce of gradient bucket {} of {}", b + 1, flat_.size()));
 }
@@ -147,10 +161,26 @@ void DataParallel::finish_gradients() {
   torch::NoGradGuard ng;
   const double inv = 1.0 / static_cast<double>(comm_.world_size());
   const auto& buckets = tracker_.buckets();
+  // Which parameters some rank had a gradient for. A parameter this rank used is used; the flags are read
+  // back (one small device-to-host copy for all buckets) only in a step where this rank had a parameter
+  // without a gradient, so the usual step, where every parameter is used, adds no host sync.
+  std::vector<float> ranks_used;  // per bucket, per parameter (flattened in bucket order): sum of the flags
+  if (std::find(local_used_.begin(), local_used_.end(), 0) != local_used_.end()) {
+    std::vector<at::Tensor> f;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      f.push_back(flat_[b].narrow(0, flag_offset_[b], static_cast<int64_t>(buckets[b].size())).to(at::kFloat));
+    }
+    at::Tensor all = at::cat(f).to(at::kCPU).contiguous();
+    ranks_used.assign(all.data_ptr<float>(), all.data_ptr<float>() + all.numel());
+  }
+  size_t flag = 0;
   for (size_t b = 0; b < buckets.size(); ++b) {
     flat_[b].mul_(inv);
-    for (size_t k = 0; k < buckets[b].size(); ++k) {
+    for (size_t k = 0; k < buckets[b].size(); ++k, ++flag) {
       at::Tensor& p = params_[buckets[b][k]];
+      // Unused on every rank: .grad stays undefined, so the optimizer skips the parameter (no weight decay,
+      // no momentum), as one process would. Unused here only: the average with this rank's zeros (DDP).
+      if (!local_used_[buckets[b][k]] && !(ranks_used[flag] > 0)) continue;
       at::Tensor slice = flat_[b].narrow(0, offsets_[b][k], p.numel()).view(p.sizes());
       if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
       p.mutable_grad().copy_(slice);

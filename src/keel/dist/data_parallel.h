@@ -2,7 +2,9 @@
 // are broadcast from rank 0 at the start; gradients are all-reduced in size-bounded buckets launched from
 // the parameters' gradient-accumulator hooks as soon as a bucket is complete, so communication overlaps
 // the rest of backward; only the last micro-batch of an accumulated step communicates; the result is
-// averaged over ranks. Also the step's agreement point (StepSync::sum) and the communication statistics.
+// averaged over ranks. A parameter without a gradient on some ranks gets the average with their zeros; one
+// without a gradient on every rank keeps an undefined gradient, so the optimizer skips it as one process
+// would (docs/distributed.md, "Unused parameters"). Also the step's agreement point (StepSync::sum) and the communication statistics.
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -29,7 +31,7 @@ struct DataParallelOptions {
 struct CommStats {
   int64_t steps = 0;             // gradient reductions (one per step attempt, replays included)
   int64_t buckets = 0;           // buckets per step
-  int64_t bytes_per_step = 0;    // gradient bytes all-reduced per step
+  int64_t bytes_per_step = 0;    // bytes all-reduced per step: gradients + one used-flag per parameter
   double allreduce_seconds = 0;  // union of the buckets' [launch, completion] intervals, summed over steps
   double overlapped_seconds = 0; // the part of it before backward ended (hidden behind computation)
   double exposed_seconds = 0;    // time the step waited for communication after backward
@@ -66,6 +68,8 @@ class DataParallel : public train::StepSync {
   ReadyTracker tracker_;
   std::vector<at::Tensor> flat_;                   // per bucket: contiguous buffer
   std::vector<std::vector<int64_t>> offsets_;      // per bucket: element offset of each of its parameters
+  std::vector<int64_t> flag_offset_;               // per bucket: where its parameters' used-flags start
+  std::vector<char> local_used_;                   // per parameter: had a gradient on this rank when sent
   std::vector<std::shared_ptr<Pending>> pending_;  // per bucket, this step
   std::shared_ptr<HookState> hook_state_;          // hooks hold it weakly-safe: cleared at destruction
   std::vector<std::shared_ptr<void>> accumulators_;  // keeps the gradient accumulators (and their hooks) alive
