@@ -19,6 +19,7 @@ using testing::HasSubstr;
 TEST(LossScaler, FollowsGradScalerRuleTable) {
   // GradScaler's documented rule with init 4, growth 2, backoff 0.5, interval 3.
   LossScalerOptions o;
+  o.enabled = true;
   o.init_scale = 4;
   o.growth_factor = 2;
   o.backoff_factor = 0.5;
@@ -36,6 +37,7 @@ TEST(LossScaler, FollowsGradScalerRuleTable) {
 
 TEST(LossScaler, ScaleUnscaleAndDetectNonFinite) {
   LossScalerOptions o;
+  o.enabled = true;
   o.init_scale = 8;
   LossScaler s(o);
   EXPECT_FLOAT_EQ(s.scale(at::full({}, 2.0f)).item<float>(), 16.0f);
@@ -51,6 +53,7 @@ TEST(LossScaler, ScaleUnscaleAndDetectNonFinite) {
 
 TEST(LossScaler, StateRoundTripAndDisabled) {
   LossScalerOptions o;
+  o.enabled = true;
   o.growth_interval = 2;
   LossScaler a(o);
   a.update(at::zeros({}));
@@ -405,4 +408,267 @@ TEST(Locator, FirstGrowthNamesTheFirstModuleAboveTheFactorElseTheLargest) {
   ASSERT_TRUE(most);
   EXPECT_EQ(most->module, "fc") << "none above the factor: the one that grew most";
   EXPECT_FALSE(first_growth(MagnitudeRecorder{}, *bad, 10));
+}
+
+// ---- Issue 20: loss-scale overflows, rollback state, clipping order, out-of-memory in the replay ----
+
+namespace {
+
+StepOptions scaled_injecting(std::vector<int64_t> steps, std::string where, double init_scale) {
+  StepOptions o = injecting(std::move(steps), std::move(where));
+  o.scaler.enabled = true;
+  o.scaler.init_scale = init_scale;
+  return o;
+}
+
+std::vector<int64_t> attempts_range(int64_t first, int64_t last) {
+  std::vector<int64_t> v;
+  for (int64_t a = first; a <= last; ++a) v.push_back(a);
+  return v;
+}
+
+std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> c;
+  for (const auto& t : ts) c.push_back(t.detach().clone());
+  return c;
+}
+
+// SGD's momentum buffers, in parameter order (undefined where a parameter has no state yet).
+std::vector<at::Tensor> momenta(torch::optim::Optimizer& opt, keel::models::Net& m) {
+  std::vector<at::Tensor> out;
+  for (auto& p : m.parameters()) {
+    auto it = opt.state().find(p.unsafeGetTensorImpl());
+    out.push_back(it == opt.state().end()
+                      ? at::Tensor()
+                      : static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer().clone());
+  }
+  return out;
+}
+
+bool same_defined(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].defined() != b[i].defined()) return false;
+    if (a[i].defined() && !at::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST(Guard, ScalerOverflowsBackOffWithoutGuardSkipsOrRollbacks) {
+  // 17 consecutive gradient overflows under a finite loss (what fp16 does at 65536, 32768, ...): the scaler's
+  // business. Before the fix each one was a guard skip with a locator replay, and every 3 a rollback.
+  Fixture f;
+  StepOptions o = scaled_injecting(attempts_range(2, 18), "grad", 65536);
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
+  ASSERT_TRUE(r.run(f.x, f.y).applied);
+  for (int64_t a = 2; a <= 18; ++a) {
+    auto before = f.weights();
+    StepResult s = r.run(f.x, f.y);
+    EXPECT_FALSE(s.applied) << a;
+    EXPECT_TRUE(s.overflow) << a;
+    EXPECT_TRUE(s.guard.empty()) << "attempt " << a << ": " << messages(s);
+    EXPECT_TRUE(same(before, f.weights())) << "an overflowed step changes no weight (attempt " << a << ")";
+  }
+  EXPECT_EQ(r.overflows(), 17);
+  EXPECT_EQ(r.skipped(), 0) << "overflows are not guard skips";
+  EXPECT_EQ(r.rollbacks(), 0);
+  EXPECT_DOUBLE_EQ(r.lr_scale(), 1.0);
+  EXPECT_DOUBLE_EQ(r.scaler().scale_value(), 65536.0 / 131072.0) << "backed off 17 times: 2^16 x 2^-17";
+  EXPECT_TRUE(r.events().empty());
+  StepResult next = r.run(f.x, f.y);
+  EXPECT_TRUE(next.applied);
+  EXPECT_EQ(r.steps(), 2);
+}
+
+TEST(Guard, ScalerOverflowIsNotFatalWithTheGuardOff) {
+  Fixture f;
+  StepOptions o = scaled_injecting({1}, "grad", 1024);
+  o.guard.enabled = false;
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
+  StepResult s = r.run(f.x, f.y);
+  EXPECT_FALSE(s.applied);
+  EXPECT_TRUE(s.overflow);
+  EXPECT_EQ(r.scaler().scale_value(), 512);
+  EXPECT_TRUE(r.run(f.x, f.y).applied);
+  // A non-finite loss is still fatal with the guard off.
+  StepOptions lo = scaled_injecting({1}, "loss", 1024);
+  lo.guard.enabled = false;
+  Fixture g;
+  StepRunner rl(*g.model, *g.opt, lo, [](int64_t) { return 0.05; });
+  EXPECT_THROW(rl.run(g.x, g.y), TrainingDiverged);
+}
+
+TEST(Guard, CollapsedLossScaleStopsAndNamesDivergence) {
+  // From scale 1, the 15th backoff takes it to 2^-15 < amp.min_scale (2^-14): divergence, not fp16 range.
+  Fixture f;
+  StepOptions o = scaled_injecting(attempts_range(1, 40), "grad", 1.0);
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
+  for (int i = 0; i < 14; ++i) {
+    StepResult s = r.run(f.x, f.y);
+    ASSERT_TRUE(s.overflow) << i;
+  }
+  EXPECT_DOUBLE_EQ(r.scaler().scale_value(), 1.0 / 16384.0);
+  try {
+    r.run(f.x, f.y);
+    FAIL() << "expected TrainingDiverged";
+  } catch (const TrainingDiverged& e) {
+    EXPECT_THAT(e.what(), HasSubstr("loss scale collapsed"));
+    EXPECT_THAT(e.what(), HasSubstr("15 gradient overflows in a row"));
+    EXPECT_THAT(e.what(), HasSubstr("backward output of 'conv1'")) << "located once, at the stop";
+  }
+}
+
+TEST(Guard, RollbackKeepsTheBackedOffScale) {
+  Fixture f;
+  StepOptions o = scaled_injecting({3, 4}, "loss", 1024);
+  o.guard.max_consecutive_skips = 2;
+  o.guard.snapshot_every = 1;
+  o.guard.locate = false;
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
+  ASSERT_TRUE(r.run(f.x, f.y).applied);
+  ASSERT_TRUE(r.run(f.x, f.y).applied);
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
+  StepResult rb = r.run(f.x, f.y);
+  EXPECT_EQ(kinds(rb), "skip,rollback");
+  EXPECT_EQ(r.scaler().scale_value(), 256) << "two backoffs from 1024, kept by the rollback (not the snapshot's)";
+}
+
+TEST(Guard, RollbackRestoresCounterScheduleEmaOptimizerAndBuffersBitForBit) {
+  Fixture f;
+  auto shadow = keel::models::create({"resnet20", 1, 10});
+  Ema ema(shadow, *f.model, 0.9);
+  StepOptions o = injecting({6, 7}, "loss");
+  o.guard.max_consecutive_skips = 2;
+  o.guard.snapshot_every = 2;
+  o.guard.locate = false;
+  auto lr_at = [](int64_t s) { return 0.05 / static_cast<double>(s + 1); };
+  StepRunner r(*f.model, *f.opt, o, lr_at, &ema);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.run(f.x, f.y).applied) << i;
+  // The state after 4 applied steps: attempt 5 (healthy, steps_ = 4) snapshots it.
+  const auto params = f.weights(), buffers = clones(f.model->buffers());
+  const auto ema_params = clones(ema.model().parameters()), ema_buffers = clones(ema.model().buffers());
+  const auto mom = momenta(*f.opt, *f.model);
+  ASSERT_TRUE(r.run(f.x, f.y).applied);
+  EXPECT_EQ(r.steps(), 5);
+  EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
+  StepResult rb = r.run(f.x, f.y);
+  ASSERT_EQ(kinds(rb), "skip,rollback");
+  EXPECT_THAT(messages(rb), HasSubstr("restored the state of step 4"));
+  EXPECT_EQ(r.steps(), 4) << "the undone step is undone for the counter (and the schedule that reads it)";
+  EXPECT_TRUE(same(params, f.weights()));
+  EXPECT_TRUE(same(buffers, f.model->buffers()));
+  EXPECT_TRUE(same(ema_params, ema.model().parameters())) << "the EMA forgets the undone step";
+  EXPECT_TRUE(same(ema_buffers, ema.model().buffers()));
+  EXPECT_TRUE(same_defined(mom, momenta(*f.opt, *f.model))) << "momentum as it was after step 4";
+  StepResult next = r.run(f.x, f.y);
+  ASSERT_TRUE(next.applied);
+  EXPECT_DOUBLE_EQ(next.lr, lr_at(4) * 0.5) << "the schedule resumes at step 5's rate, x the rollback factor";
+}
+
+TEST(Guard, OutOfMemoryInTheLocatorReplayLosesTheLocationNotTheRun) {
+  Fixture f;
+  StepOptions o = injecting({2}, "loss");
+  o.inject.oom_replay_steps = {2};
+  StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });
+  ASSERT_TRUE(r.run(f.x, f.y).applied);
+  const auto w = f.weights(), b = clones(f.model->buffers());
+  StepResult s;
+  ASSERT_NO_THROW(s = r.run(f.x, f.y));
+  EXPECT_FALSE(s.applied);
+  EXPECT_THAT(messages(s), HasSubstr("not located (out of memory during the diagnostic replay"));
+  EXPECT_TRUE(same(w, f.weights()));
+  EXPECT_TRUE(same(b, f.model->buffers())) << "BatchNorm statistics as before the failed step";
+  EXPECT_TRUE(r.run(f.x, f.y).applied);
+}
+
+TEST(Guard, OutOfMemoryInTheSpikeReplayLosesTheLocationNotTheRun) {
+  Fixture f;
+  StepOptions o;
+  o.guard.spike_factor = 10;
+  o.guard.spike_warmup = 2;
+  o.guard.snapshot_every = 1;
+  o.inject.oom_replay_steps = {5};
+  StepRunner r(*f.model, *f.opt, o, [](int64_t s) { return s == 3 ? 1e4 : 0.01; });
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.run(f.x, f.y).applied) << i;
+  const auto w = f.weights(), b = clones(f.model->buffers());
+  StepResult s;
+  ASSERT_NO_THROW(s = r.run(f.x, f.y));
+  EXPECT_THAT(messages(s), HasSubstr("loss spike"));
+  EXPECT_THAT(messages(s), HasSubstr("not located (out of memory during the diagnostic replay"));
+  EXPECT_TRUE(same(w, f.weights())) << "the replay put the current weights back";
+  EXPECT_TRUE(same(b, f.model->buffers()));
+}
+
+// Golden values: scripts/golden_clip.py (/usr/bin/python3, torch 1.13's clip_grad_value_ / clip_grad_norm_).
+namespace {
+std::vector<at::Tensor> clip_input() {
+  return {at::linspace(-3.0, 5.0, 12).reshape({3, 4}), at::tensor({0.5f, -7.0f, 2.0f, 0.25f})};
+}
+void expect_golden(const std::vector<at::Tensor>& g, const std::vector<float>& want) {
+  const at::Tensor got = at::cat({g[0].flatten(), g[1].flatten()});
+  ASSERT_EQ(got.numel(), static_cast<int64_t>(want.size()));
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i].item<float>(), want[i], 1e-6) << i;
+}
+}  // namespace
+
+TEST(Clip, ValueAloneMatchesClipGradValue) {
+  auto g = clip_input();
+  clip_gradients(g, 1.5, 0.0);
+  expect_golden(g, {-1.5f, -1.5f, -1.5f, -0.8181817531585693f, -0.09090900421142578f, 0.6363637447357178f,
+                    1.3636362552642822f, 1.5f, 1.5f, 1.5f, 1.5f, 1.5f, 0.5f, -1.5f, 1.5f, 0.25f});
+}
+
+TEST(Clip, NormAloneMatchesClipGradNorm) {
+  auto g = clip_input();
+  clip_gradients(g, 0.0, 4.0);
+  expect_golden(g, {-1.010765552520752f, -0.7657314538955688f, -0.5206973552703857f, -0.2756633162498474f,
+                    -0.030629228800535202f, 0.2144048511981964f, 0.45943883061408997f, 0.7044728994369507f,
+                    0.9495069980621338f, 1.194541096687317f, 1.4395750761032104f, 1.6846091747283936f,
+                    0.1684609204530716f, -2.358452796936035f, 0.6738436818122864f, 0.0842304602265358f});
+}
+
+TEST(Clip, ValueThenNormOfTheClampedGradientsMatchesPyTorch) {
+  auto g = clip_input();
+  clip_gradients(g, 1.5, 2.0);
+  expect_golden(g, {-0.5911440849304199f, -0.5911440849304199f, -0.5911440849304199f, -0.3224422037601471f,
+                    -0.03582688048481941f, 0.25078845024108887f, 0.5374036431312561f, 0.5911440849304199f,
+                    0.5911440849304199f, 0.5911440849304199f, 0.5911440849304199f, 0.5911440849304199f,
+                    0.19704802334308624f, -0.5911440849304199f, 0.5911440849304199f, 0.09852401167154312f});
+}
+
+TEST(Clip, TheStepClipsByValueThenByTheNormOfTheClampedGradients) {
+  // Plain SGD with lr 1: the update is the clipped gradient. Expected: the raw gradient of an identical model,
+  // clamped, then scaled by clip_norm / norm(clamped) (PyTorch's order). Before the fix the step used the norm
+  // of the unclamped gradients.
+  for (const auto& [value, norm] : std::vector<std::pair<double, double>>{{2e-3, 0.0}, {2e-3, 1e-2}}) {
+    Fixture a(11), b(11);
+    std::vector<at::Tensor> raw;
+    {
+      at::Tensor logits = forward_logits(*b.model, b.x, "fp32");
+      at::cross_entropy_loss(logits, b.y).backward();
+      for (auto& p : b.model->parameters()) raw.push_back(p.grad().clone());
+    }
+    for (auto& g : raw) g.clamp_(-value, value);
+    if (norm > 0) {
+      double sq = 0;
+      for (auto& g : raw) sq += g.pow(2).sum().item<double>();
+      const double coef = std::min(1.0, norm / (std::sqrt(sq) + 1e-6));
+      ASSERT_LT(coef, 1.0) << "the norm clip must bind for the test to mean anything";
+      for (auto& g : raw) g.mul_(coef);
+    }
+    StepOptions o;
+    o.clip_value = value;
+    o.clip_norm = norm;
+    const auto before = a.weights();
+    torch::optim::SGD plain(a.model->parameters(), torch::optim::SGDOptions(1.0));
+    StepRunner r(*a.model, plain, o, [](int64_t) { return 1.0; });
+    ASSERT_TRUE(r.run(a.x, a.y).applied);
+    const auto after = a.weights();
+    for (size_t i = 0; i < after.size(); ++i) {
+      EXPECT_LT((before[i] - after[i] - raw[i]).abs().max().item<double>(), 1e-7)
+          << "parameter " << i << " (clip_value " << value << ", clip_norm " << norm << ")";
+    }
+  }
 }

@@ -5,12 +5,14 @@
 #include "../test_util.h"
 
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "keel/checkpoint/checkpoint.h"
 #include "keel/config/config.h"
 #include "keel/data/augment.h"
 #include "keel/models/registry.h"
@@ -264,4 +266,79 @@ TEST(Training, DeviceAugmentationWithSoftTargetsAndLoaderRateInTheMetrics) {
     EXPECT_GT(j["loader_images_per_second"].get<double>(), 0.0);
   }
   EXPECT_EQ(epochs, 2);
+}
+
+TEST(EarlyStop, StopsAtTheRightEpochAndRestoresTheBestEpochsWeightsBitForBit) {
+  // min_delta 100: only the first epoch can count as an improvement, so with patience 2 the run stops after
+  // epoch 3 and must end with epoch 1's weights. Every epoch end writes a checkpoint (every_steps = the epoch's
+  // 4 steps): epoch 1's is the reference.
+  const std::string dir = tmp_dir("early-stop-restore");
+  keel::config::Config cfg = keel::config::parse("", "test", {
+      "run.dir=\"" + dir + "\"", "run.name=es", "data.dataset=synthetic", "data.image_size=16",
+      "data.synthetic_samples=64", "data.workers=1", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
+      "model.in_channels=3", "model.num_classes=10", "train.batch_size=16", "train.eval_batch_size=16",
+      "train.epochs=8", "train.log_every=1", "early_stop.enabled=true", "early_stop.monitor=\"test_loss\"",
+      "early_stop.patience=2", "early_stop.min_delta=100.0", "early_stop.restore_best=true",
+      "checkpoint.every_steps=4", "checkpoint.keep_last=10"});
+  keel::train::Trainer t(cfg);
+  keel::train::FitResult r = t.fit();
+  EXPECT_TRUE(r.early_stopped);
+  EXPECT_EQ(r.epochs, 3) << "stopped after patience (2) epochs without improvement";
+  EXPECT_EQ(r.steps, 12);
+  EXPECT_EQ(r.best_epoch, 1);
+  // Epoch test losses from the log: the restored model evaluates to epoch 1's exactly.
+  std::vector<double> test_loss;
+  std::ifstream in(dir + "/es/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("event", "") == "epoch") test_loss.push_back(j.at("test").at("loss").get<double>());
+  }
+  ASSERT_EQ(test_loss.size(), 3u);
+  EXPECT_DOUBLE_EQ(r.test.loss, test_loss[0]);
+  const auto best = keel::models::read_state_dict(dir + "/es/checkpoints/" + keel::checkpoint::dir_name_for_step(4) +
+                                                  "/model.pt");
+  const auto last = keel::models::read_state_dict(dir + "/es/checkpoints/" + keel::checkpoint::dir_name_for_step(12) +
+                                                  "/model.pt");
+  ASSERT_TRUE(std::filesystem::exists(r.checkpoint));
+  const auto final_file = keel::models::read_state_dict(r.checkpoint);
+  const auto in_memory = keel::models::state_dict_of(*t.model());
+  ASSERT_EQ(best.size(), final_file.size());
+  ASSERT_EQ(best.size(), in_memory.size());
+  bool differs_from_last = false;
+  for (size_t i = 0; i < best.size(); ++i) {
+    EXPECT_EQ(best[i].first, final_file[i].first);
+    EXPECT_TRUE(at::equal(best[i].second, final_file[i].second)) << best[i].first << " (final.pt)";
+    EXPECT_TRUE(at::equal(best[i].second, in_memory[i].second.contiguous())) << best[i].first << " (in memory)";
+    if (!at::equal(last[i].second, best[i].second)) differs_from_last = true;
+  }
+  EXPECT_TRUE(differs_from_last) << "epochs 2-3 trained: the last epoch's weights are not the best's";
+}
+
+TEST(Training, EachPieceOfAdviceIsPrintedOnce) {
+  // Every epoch end and the run's end diagnose the bottleneck; the same advice (its text with the figures
+  // masked) must reach the console once, not once per epoch plus once more in the final summary.
+  const std::string dir = tmp_dir("advice-once");
+  keel::config::Config cfg = keel::config::parse("", "test", {
+      "run.dir=\"" + dir + "\"", "run.name=adv", "data.dataset=synthetic", "data.image_size=16",
+      "data.synthetic_samples=64", "data.workers=1", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
+      "model.in_channels=3", "model.num_classes=10", "train.batch_size=16", "train.eval_batch_size=16",
+      "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false"});
+  keel::train::Trainer t(cfg);
+  testing::internal::CaptureStdout();
+  keel::train::FitResult r = t.fit();
+  const std::string out = testing::internal::GetCapturedStdout();
+  std::map<std::string, int> seen;
+  std::istringstream lines(out);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const auto at = line.find("advice: ");
+    if (at == std::string::npos) continue;
+    std::string masked = line.substr(at);
+    for (auto& ch : masked) if (std::isdigit(static_cast<unsigned char>(ch))) ch = '#';
+    ++seen[masked];
+  }
+  if (seen.empty()) GTEST_SKIP() << "no bottleneck advice fired on this machine; nothing to count";
+  for (const auto& [text, n] : seen) EXPECT_EQ(n, 1) << text;
+  EXPECT_FALSE(r.advice.empty()) << "the run's advice is still in the summary (FitResult / metrics)";
 }

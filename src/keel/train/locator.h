@@ -67,6 +67,7 @@ struct InjectOptions {
   std::string where = "loss";  // "loss" | "grad" | a module name ("layer1.0.conv2")
   std::vector<int64_t> oom_steps;  // attempts whose last micro-batch's forward throws out-of-memory (once each)
   int64_t oom_rank = -1;           // data-parallel: only this rank injects them (-1 = every rank)
+  std::vector<int64_t> oom_replay_steps;  // attempts whose guard diagnostic replay throws out-of-memory (tests)
   bool active_at(int64_t step) const;
 };
 

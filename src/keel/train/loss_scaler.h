@@ -12,7 +12,10 @@ struct LossScalerOptions {
   double growth_factor = 2.0;
   double backoff_factor = 0.5;
   int64_t growth_interval = 2000;
-  bool enabled = true;  // disabled: scale 1, never changes (fp32 / bf16)
+  // Below this the scale has collapsed: the gradients overflow at any scale, which is divergence, not fp16
+  // range (2^-14: 30 backoffs from 65536). The step stops the run with a report when the scale falls under it.
+  double min_scale = 1.0 / 16384.0;
+  bool enabled = false;  // disabled: scale 1, never changes (fp32 / bf16); amp.scaler's default (auto: fp16 only)
 };
 
 // The rule (PyTorch's _amp_update_scale_): on a step with inf/NaN gradients, scale *= backoff

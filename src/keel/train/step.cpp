@@ -88,29 +88,51 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
   }
 }
 
+std::string StepRunner::replay_out_of_memory(const std::exception& e) {
+  if (!memory::is_out_of_memory(e)) throw;
+  std::string what = e.what();
+  what = what.substr(0, what.find('\n'));
+  opt_.zero_grad();
+  device::empty_cache(device_);
+  return fmt::format("not located (out of memory during the diagnostic replay: {})", what);
+}
+
+void StepRunner::maybe_inject_replay_oom() const {
+  if (std::count(o_.inject.oom_replay_steps.begin(), o_.inject.oom_replay_steps.end(), attempts_)) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "injected out-of-memory in the guard's replay at attempt ", attempts_);
+  }
+}
+
 std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
   // Diagnostic replay of the failed batch with every module output recorded. BN running stats
-  // are saved and restored so the replay leaves no trace.
+  // are saved and restored so the replay leaves no trace (also when it runs out of memory).
   std::vector<at::Tensor> saved;
   for (auto& b : model_.buffers()) saved.push_back(b.detach().clone());
+  auto restore_buffers = [&] {
+    torch::NoGradGuard ng;
+    auto bufs = model_.buffers();
+    for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
+  };
   opt_.zero_grad();
   NonFiniteLocator loc;
   FaultInjector inj(o_.inject.where, &loc);
   const bool inject = o_.inject.active_at(attempts_);
   const bool inject_module = inject && o_.inject.where != "loss" && o_.inject.where != "grad";
   at::Tensor ls = at::zeros({}, x.options().dtype(at::kDouble)), c = at::zeros({}, x.options().dtype(at::kLong));
-  // Diagnostic only: gradients stay local (every rank replays the same way, so their synchronised
-  // BatchNorm collectives, if any, still match).
-  forward_backward(x, y, inject && o_.inject.where == "loss", inject_module ? static_cast<models::Watcher*>(&inj) : &loc,
-                   ls, c, nullptr);
+  try {
+    maybe_inject_replay_oom();
+    // Diagnostic only: gradients stay local (every rank replays the same way, so their synchronised
+    // BatchNorm collectives, if any, still match).
+    forward_backward(x, y, inject && o_.inject.where == "loss",
+                     inject_module ? static_cast<models::Watcher*>(&inj) : &loc, ls, c, nullptr);
+  } catch (const std::exception& e) {
+    restore_buffers();
+    return replay_out_of_memory(e);
+  }
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
     params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
   }
-  {
-    torch::NoGradGuard ng;
-    auto bufs = model_.buffers();
-    for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
-  }
+  restore_buffers();
   std::string where;
   if (auto f = loc.first_nonfinite()) {
     where = f->str();
@@ -128,7 +150,7 @@ std::string StepRunner::locate(const at::Tensor& x, const at::Tensor& y) {
 std::string StepRunner::locate_spike(const at::Tensor& x) {
   // The loss is finite, so nothing is non-finite to find: compare this batch's module outputs
   // under the last good weights (the snapshot) and the current ones. Forward only, on the first
-  // micro-batch; parameters and BatchNorm statistics are put back afterwards.
+  // micro-batch; parameters and BatchNorm statistics are put back afterwards (also on out-of-memory).
   if (!snapshot_) return "not located (no good state in memory)";
   torch::NoGradGuard ng;
   const at::Tensor xm = o_.micro_batch > 0 ? x.narrow(0, 0, std::min(o_.micro_batch, x.size(0))) : x;
@@ -145,27 +167,38 @@ std::string StepRunner::locate_spike(const at::Tensor& x) {
     for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
   };
   MagnitudeRecorder bad, good;
-  replay(bad);
-  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(snapshot_->params[i]);
-  replay(good);
+  try {
+    maybe_inject_replay_oom();
+    replay(bad);
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(snapshot_->params[i]);
+    replay(good);
+  } catch (const std::exception& e) {
+    for (size_t i = 0; i < params.size(); ++i) params[i].copy_(current[i]);
+    for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(saved[i]);
+    return replay_out_of_memory(e);
+  }
   for (size_t i = 0; i < params.size(); ++i) params[i].copy_(current[i]);
   auto g = first_growth(good, bad, o_.guard.spike_factor);
   return g ? g->str() + fmt::format(" (compared with the weights of step {})", snapshot_->step)
            : "not located (the model has no watched modules)";
 }
 
-void StepRunner::take_snapshot() {
+void StepRunner::take_snapshot(const std::vector<at::Tensor>* buffers_before) {
   Snapshot s;
   torch::NoGradGuard ng;
   for (auto& p : model_.parameters()) s.params.push_back(p.detach().clone());
-  for (auto& b : model_.buffers()) s.buffers.push_back(b.detach().clone());
+  for (auto& b : buffers_before ? *buffers_before : model_.buffers()) s.buffers.push_back(b.detach().clone());
   std::ostringstream os;
   torch::serialize::OutputArchive ar;
   opt_.save(ar);
   ar.save_to(os);
   s.optimizer = os.str();
-  s.scaler = scaler_.state();
+  if (ema_) {
+    for (auto& p : ema_->model().parameters()) s.ema_params.push_back(p.detach().clone());
+    for (auto& b : ema_->model().buffers()) s.ema_buffers.push_back(b.detach().clone());
+  }
   s.step = steps_;
+  s.healthy_steps = healthy_steps_;
   s.loss_ema = loss_ema_;
   snapshot_ = std::move(s);
 }
@@ -181,7 +214,16 @@ void StepRunner::restore_snapshot() {
   torch::serialize::InputArchive ar;
   ar.load_from(is, device_);
   opt_.load(ar);
-  scaler_.load_state(snapshot_->scaler);
+  if (ema_) {
+    auto eps = ema_->model().parameters();
+    for (size_t i = 0; i < eps.size(); ++i) eps[i].copy_(snapshot_->ema_params[i]);
+    auto ebs = ema_->model().buffers();
+    for (size_t i = 0; i < ebs.size(); ++i) ebs[i].copy_(snapshot_->ema_buffers[i]);
+  }
+  // The applied-step counter is what the schedule reads: the undone steps are undone for it too.
+  steps_ = snapshot_->step;
+  healthy_steps_ = snapshot_->healthy_steps;
+  loss_ema_ = snapshot_->loss_ema;
 }
 
 StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
@@ -306,8 +348,8 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   std::vector<at::Tensor> grads;
   grads.reserve(params_.size());
   for (auto& p : params_) if (p.grad().defined()) grads.push_back(p.grad());
-  at::Tensor found_inf = scaler_.unscale_(grads);
-  found_inf = at::maximum(found_inf, r.loss.isfinite().logical_not().to(at::kFloat));
+  const at::Tensor grad_inf = scaler_.unscale_(grads);
+  const at::Tensor found_inf = at::maximum(grad_inf, r.loss.isfinite().logical_not().to(at::kFloat));
   // One multi-tensor launch for every gradient's norm (a fused kernel on CUDA), then the norm of the norms.
   r.grad_norm = grads.empty() ? at::zeros({}, x.options().dtype(at::kFloat))
                               : at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).norm(2);
@@ -315,24 +357,25 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // found_inf and the loss come back together, so the spike check costs no extra sync.
   const at::Tensor host = at::stack({found_inf.to(at::kDouble), r.loss.to(at::kDouble)}).to(at::kCPU);
   const double* hv = host.data_ptr<double>();
-  bool nonfinite = hv[0] > 0;
   const double loss_value = hv[1];
+  const bool loss_finite = std::isfinite(loss_value);
+  // With the loss scaler on, inf/NaN gradients under a finite loss are the scaler's business (GradScaler's
+  // rule): the scale backs off and the step is skipped, with no guard skip, locator or rollback. A non-finite
+  // loss is not an fp16 range problem (no scale changes the forward): the guard's.
+  const bool overflow = scaler_.enabled() && loss_finite && hv[0] > 0;
+  const bool nonfinite = !overflow && hv[0] > 0;
   // A loss spike (finite but > spike_factor x its running mean) is a divergence caught before it
   // turns into inf/NaN; it is handled like a non-finite step.
-  const bool spike = !nonfinite && o_.guard.spike_factor > 0 && loss_ema_ > 0 &&
+  const bool spike = hv[0] == 0 && o_.guard.spike_factor > 0 && loss_ema_ > 0 &&
                      healthy_steps_ >= o_.guard.spike_warmup && loss_value > o_.guard.spike_factor * loss_ema_;
-  if (!nonfinite && !spike) {
+  if (hv[0] == 0 && !spike) {
     // The weights just produced a healthy loss and finite gradients: a verified-good state to
     // snapshot (snapshotting after the update would keep the state a bad update produced).
     // (step 0's state was snapshotted before the first attempt.)
     if (o_.guard.enabled && o_.guard.snapshot_every > 0 && steps_ > 0 && steps_ % o_.guard.snapshot_every == 0) {
-      take_snapshot();
+      take_snapshot(&buffer_backup_);  // this step's forward already moved the BatchNorm statistics
     }
-    if (o_.clip_value > 0) for (auto& g : grads) g.clamp_(-o_.clip_value, o_.clip_value);
-    if (o_.clip_norm > 0) {
-      at::Tensor coef = (o_.clip_norm / (r.grad_norm + 1e-6)).clamp_max(1.0);
-      for (auto& g : grads) g.mul_(coef.to(g.device()));
-    }
+    clip_gradients(grads, o_.clip_value, o_.clip_norm, r.grad_norm);
     // 5. optimizer step
     opt_.step();
   }
@@ -340,13 +383,24 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   // 6. scaler update (backs off on a non-finite step, as GradScaler does)
   scaler_.update(found_inf);
 
-  if (nonfinite || spike) {
+  if (overflow || nonfinite || spike) {
     {
       torch::NoGradGuard ng;
       auto bufs = model_.buffers();
       for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(buffer_backup_[i]);
     }
+    opt_.zero_grad();
     r.applied = false;
+  }
+  if (overflow) {
+    r.overflow = true;
+    ++overflows_;
+    ++consecutive_overflows_;
+    if (scaler_.scale_value() < scaler_.options().min_scale) scale_collapsed(x, y, attempt);
+    return r;
+  }
+  consecutive_overflows_ = 0;
+  if (nonfinite || spike) {
     ++consecutive_skips_;
     ++skipped_total_;
     if (!o_.guard.enabled) {
@@ -360,12 +414,11 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     } else {
       const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
       message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
-                            attempt, std::isfinite(loss_value) ? "gradient" : "loss", where,
+                            attempt, loss_finite ? "gradient" : "loss", where,
                             scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
     }
     events_.push_back(message);
     r.guard.push_back({"skip", std::move(message)});
-    opt_.zero_grad();
     if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
       ++rollbacks_;
       if (rollbacks_ > o_.guard.max_rollbacks) {
@@ -377,15 +430,16 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
         report += "Try a lower optim.lr, gradient clipping (train.grad_clip_norm), or a longer warm-up.";
         throw TrainingDiverged(report);
       }
+      const int64_t undone_from = steps_;
       restore_snapshot();
       lr_scale_ *= o_.guard.lr_factor;
       consecutive_skips_ = 0;
-      loss_ema_ = snapshot_ ? snapshot_->loss_ema : 0.0;
       std::string rollback = fmt::format(
-          "rollback {} at step {}: {} consecutive skips; restored the state of step {}, learning rate x{:.3g} "
-          "(now x{:.3g})",
-          rollbacks_, steps_ + 1, o_.guard.max_consecutive_skips, snapshot_ ? snapshot_->step : 0, o_.guard.lr_factor,
-          lr_scale_);
+          "rollback {} at step {}: {} consecutive skips; restored the state of step {} (steps {}..{} undone), "
+          "learning rate x{:.3g} (now x{:.3g}){}",
+          rollbacks_, undone_from + 1, o_.guard.max_consecutive_skips, steps_, steps_ + 1, undone_from,
+          o_.guard.lr_factor, lr_scale_,
+          scaler_.enabled() ? fmt::format("; loss scale kept at {}", scaler_.scale_value()) : "");
       events_.push_back(rollback);
       r.guard.push_back({"rollback", std::move(rollback)});
     }
@@ -403,12 +457,41 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   return r;
 }
 
+void StepRunner::scale_collapsed(const at::Tensor& x, const at::Tensor& y, int64_t attempt) {
+  std::string report = fmt::format(
+      "training diverged: the loss scale collapsed to {:.3g} (below amp.min_scale = {:.3g}) after {} gradient "
+      "overflows in a row at step {} (attempt {}): the gradients are inf/NaN at any scale while the loss is finite, "
+      "which is divergence, not fp16 range.",
+      scaler_.scale_value(), scaler_.options().min_scale, consecutive_overflows_, steps_ + 1, attempt);
+  if (o_.guard.locate) report += " First non-finite: " + locate(x, y) + ".";
+  if (!events_.empty()) {
+    report += " Guard log:\n";
+    for (const auto& e : events_) report += "  " + e + "\n";
+  }
+  report += " Try a lower optim.lr, gradient clipping (train.grad_clip_norm), or train.precision = \"bf16\".";
+  throw TrainingDiverged(report);
+}
+
+void clip_gradients(const std::vector<at::Tensor>& grads, double clip_value, double clip_norm,
+                    const at::Tensor& norm) {
+  if (clip_value > 0) for (const auto& g : grads) g.clamp_(-clip_value, clip_value);
+  if (clip_norm > 0 && !grads.empty()) {
+    // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (total_norm + 1e-6), capped at 1, applied to every
+    // gradient; total_norm of the gradients as they are now (after the value clamp above).
+    const at::Tensor total = norm.defined() && clip_value <= 0 ? norm
+                                                               : at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).norm(2);
+    const at::Tensor coef = (clip_norm / (total + 1e-6)).clamp_max(1.0);
+    for (const auto& g : grads) g.mul_(coef.to(g.device()));
+  }
+}
+
 nlohmann::json StepRunner::state() const {
   return {{"steps", steps_},         {"attempts", attempts_}, {"consecutive_skips", consecutive_skips_},
           {"skipped", skipped_total_}, {"rollbacks", rollbacks_},
           {"lr_scale", lr_scale_},   {"scaler", scaler_.state()},
           {"micro_batch", o_.micro_batch}, {"oom_recoveries", oom_recoveries_},
-          {"loss_ema", loss_ema_},   {"healthy_steps", healthy_steps_}};
+          {"loss_ema", loss_ema_},   {"healthy_steps", healthy_steps_},
+          {"overflows", overflows_}, {"consecutive_overflows", consecutive_overflows_}};
 }
 
 void StepRunner::load_state(const nlohmann::json& s) {
@@ -422,6 +505,9 @@ void StepRunner::load_state(const nlohmann::json& s) {
   oom_recoveries_ = s.at("oom_recoveries");
   loss_ema_ = s.at("loss_ema");
   healthy_steps_ = s.at("healthy_steps");
+  // Checkpoints written before the scaler's overflows were counted apart from the guard's skips have neither.
+  overflows_ = s.value("overflows", int64_t{0});
+  consecutive_overflows_ = s.value("consecutive_overflows", int64_t{0});
   scaler_.load_state(s.at("scaler"));
 }
 

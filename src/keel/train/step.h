@@ -45,7 +45,7 @@ struct StepOptions {
   double clip_norm = 0.0;          // global L2 norm clip; 0 = off
   double clip_value = 0.0;         // element-wise clip; 0 = off
   std::vector<double> group_lr_factors;  // per parameter group lr multiplier (empty = all 1), see group_lr_factors()
-  LossScalerOptions scaler;        // enabled decided by the caller (fp16 -> on)
+  LossScalerOptions scaler;        // off unless the caller turns it on (fp16, amp.scaler = "on")
   GuardOptions guard;
   InjectOptions inject;
 };
@@ -59,7 +59,9 @@ struct GuardEvent {
 // What one call of StepRunner::run did. Tensors are 0-dim and not read back (no sync) unless
 // the step was skipped (the guard needs to know, which is the step's one host sync).
 struct StepResult {
-  bool applied = false;     // false: skipped (non-finite)
+  bool applied = false;     // false: skipped (non-finite, a loss spike, or a loss-scale overflow)
+  bool overflow = false;    // skipped by the loss scaler: finite loss, inf/NaN gradients at this scale (the
+                            // scale backed off; not a guard skip: no locator, no rollback)
   at::Tensor loss;          // mean loss over the batch (double)
   at::Tensor correct;       // top-1 hits (long)
   at::Tensor grad_norm;     // global gradient norm before clipping (float)
@@ -91,7 +93,8 @@ class StepRunner {
 
   int64_t steps() const { return steps_; }          // applied steps so far
   int64_t attempts() const { return attempts_; }    // run() calls so far (applied + skipped)
-  int64_t skipped() const { return skipped_total_; }
+  int64_t skipped() const { return skipped_total_; }  // guard skips (loss-scale overflows not counted)
+  int64_t overflows() const { return overflows_; }    // steps the loss scaler skipped (gradient overflow)
   int64_t rollbacks() const { return rollbacks_; }
   double lr_scale() const { return lr_scale_; }      // product of rollback factors
   int64_t micro_batch() const { return o_.micro_batch; }  // resolved (shrinks after an OOM); 0 = whole batch
@@ -113,22 +116,33 @@ class StepRunner {
   void load_state(const nlohmann::json& s);
 
  private:
+  // The training state a rollback returns to: everything the applied steps changed (the loss scaler is
+  // deliberately not in it: a rollback keeps the current, backed-off scale).
   struct Snapshot {
-    std::vector<at::Tensor> params, buffers;
+    std::vector<at::Tensor> params, buffers, ema_params, ema_buffers;
     std::string optimizer;
-    nlohmann::json scaler;
     int64_t step = 0;
+    int64_t healthy_steps = 0;
     double loss_ema = 0;
   };
-  // forward + backward over micro-batches; accumulates loss/correct; returns found-nonfinite-loss.
+  // forward + backward over micro-batches; accumulates loss/correct.
   // sync: reduce the gradients over ranks after the last micro-batch (null: local gradients only).
   void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
                         at::Tensor& loss_sum, at::Tensor& correct, StepSync* sync);
   std::string locate(const at::Tensor& x, const at::Tensor& y);
+  // Inside the catch of a diagnostic replay (locate / locate_spike) that the caller has already undone: an
+  // out-of-memory error does not end the run, it becomes the location's text ("not located (out of memory
+  // ...)"); anything else is rethrown.
+  std::string replay_out_of_memory(const std::exception& e);
+  void maybe_inject_replay_oom() const;  // InjectOptions::oom_replay_steps
+  // The stop when the loss scaler's backoffs took the scale below amp.min_scale: divergence, named.
+  [[noreturn]] void scale_collapsed(const at::Tensor& x, const at::Tensor& y, int64_t attempt);
   // For a finite loss spike: the first module whose output grew by more than guard.spike_factor
   // between the last good (snapshot) weights and the current ones, on this batch.
   std::string locate_spike(const at::Tensor& x);
-  void take_snapshot();
+  // The current parameters, optimizer, EMA and counters; BatchNorm statistics from buffers_before when given
+  // (the step's copy from before its forward, which has already updated the model's).
+  void take_snapshot(const std::vector<at::Tensor>* buffers_before = nullptr);
   void restore_snapshot();
 
   models::Net& model_;
@@ -146,12 +160,19 @@ class StepRunner {
   int64_t oom_recoveries_ = 0;
   std::vector<int64_t> oom_injected_;
   int64_t steps_ = 0, attempts_ = 0, consecutive_skips_ = 0, skipped_total_ = 0, rollbacks_ = 0;
+  int64_t overflows_ = 0, consecutive_overflows_ = 0;  // loss-scaler skips: in all, and in a row
   double lr_scale_ = 1.0;
   double loss_ema_ = 0.0;      // running mean of applied steps' loss (spike check)
   int64_t healthy_steps_ = 0;
   std::optional<Snapshot> snapshot_;
   std::vector<std::string> events_;
 };
+
+// Gradient clipping as PyTorch users write it: clip_grad_value_(clip_value) first (when > 0), then
+// clip_grad_norm_(clip_norm) over the clamped gradients (when > 0). In place; no host sync. `norm`: the
+// gradients' global L2 norm when the caller has it (used only when no value clamp changed them).
+void clip_gradients(const std::vector<at::Tensor>& grads, double clip_value, double clip_norm,
+                    const at::Tensor& norm = {});
 
 // Cross-entropy forward of `model` under the precision's autocast (bf16 on CPU); logits fp32.
 at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision);

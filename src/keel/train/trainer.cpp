@@ -216,7 +216,7 @@ nlohmann::json FitResult::to_json() const {
           {"epochs", epochs},           {"train_seconds", train_seconds},
           {"wall_seconds", wall_seconds}, {"images_per_second", images_per_second},
           {"data_wait_share", data_wait_share}, {"run_dir", run_dir},
-          {"checkpoint", checkpoint},  {"skipped_steps", skipped_steps},
+          {"checkpoint", checkpoint},  {"skipped_steps", skipped_steps}, {"scaler_overflows", scaler_overflows},
           {"rollbacks", rollbacks},    {"early_stopped", early_stopped},
           {"best_epoch", best_epoch},  {"oom_recoveries", oom_recoveries},
           {"micro_batch", micro_batch}, {"peak_memory_bytes", peak_memory_bytes},
@@ -805,6 +805,7 @@ FitResult Trainer::fit(const std::string& resume) {
                {"ops", profiler->written().at(1)}});
   };
   bool user_stop = false;  // Ctrl-C
+  std::set<std::string> advised;  // advice rules already printed
   for (int64_t epoch = start_epoch; epoch < epochs && runner.steps() < total_steps && !stop && !killed; ++epoch) {
     model_->train();
     train_loader.start_epoch(epoch);
@@ -861,6 +862,10 @@ FitResult Trainer::fit(const std::string& resume) {
       }
       if (!r.applied) {
         timer.end_step(r.samples);
+        if (r.overflow) {
+          log.event({{"event", "loss_scale_backoff"}, {"epoch", epoch + 1}, {"step", runner.steps()},
+                     {"scale", runner.scaler().scale_value()}});
+        }
         for (const auto& g : r.guard) {
           progress.message("guard: " + g.message);
           log.event({{"event", g.kind}, {"epoch", epoch + 1}, {"step", runner.steps()}, {"message", g.message}});
@@ -964,7 +969,9 @@ FitResult Trainer::fit(const std::string& resume) {
     std::vector<std::string> advice;
     for (const auto& a : advise(est)) {
       advice.push_back(a.text);
-      progress.message("advice: " + a.text);
+      // On the console each piece of advice (rule) once per run: the first epoch that gives it; every
+      // epoch's advice stays in the metrics.
+      if (advised.insert(a.rule).second) progress.message("advice: " + a.text);
     }
     extra["advice"] = advice;
     monitor::RunLogger::Scalars evals = {{"train_loss", res.train_loss},     {"train_top1", res.train_top1},
@@ -1041,9 +1048,10 @@ FitResult Trainer::fit(const std::string& resume) {
   const monitor::StepStats run_stats = timer.run();
   for (const auto& a : advise(run_stats)) {
     res.advice.push_back(a.text);
-    fmt::print("advice: {}\n", a.text);
+    if (advised.insert(a.rule).second) fmt::print("advice: {}\n", a.text);
   }
   res.skipped_steps = runner.skipped();
+  res.scaler_overflows = runner.overflows();
   res.rollbacks = runner.rollbacks();
   res.oom_recoveries = runner.oom_recoveries();
   res.micro_batch = runner.micro_batch() > 0 ? runner.micro_batch() : tc.batch_size / world_;  // per rank

@@ -51,6 +51,7 @@ struct FitResult {
   std::string run_dir;
   std::string checkpoint;        // final weights, or empty
   int64_t skipped_steps = 0;     // non-finite steps the guard skipped
+  int64_t scaler_overflows = 0;  // steps the loss scaler skipped (gradient overflow; the scale backed off)
   int64_t rollbacks = 0;
   int64_t oom_recoveries = 0;    // out-of-memory errors recovered by shrinking the micro-batch
   int64_t micro_batch = 0;       // resolved micro-batch at the end of the run
