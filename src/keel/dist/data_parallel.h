@@ -17,7 +17,7 @@
 
 #include "keel/dist/bucket.h"
 #include "keel/dist/comm.h"
-#include "keel/train/sync.h"
+#include "keel/dist/sync.h"
 
 namespace keel::dist {
 
@@ -38,7 +38,7 @@ struct CommStats {
   nlohmann::json to_json() const;
 };
 
-class DataParallel : public train::StepSync {
+class DataParallel : public StepSync {
  public:
   // Broadcasts `model`'s parameters and buffers from rank 0 and registers the gradient hooks on every
   // parameter that requires a gradient (in model.parameters() order).

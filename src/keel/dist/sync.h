@@ -1,10 +1,11 @@
 // StepSync: what a training step needs from data-parallel training (dist/data_parallel.h implements
-// it); the step and the trainer hold a null pointer when they run as one process.
+// it); the step and the trainer hold a null pointer when they run as one process. It lives in dist/ so that
+// dist depends on nothing above it (train/ uses dist, never the other way).
 #pragma once
 #include <ATen/ATen.h>
 #include <cstdint>
 
-namespace keel::train {
+namespace keel::dist {
 
 class StepSync {
  public:
@@ -26,4 +27,4 @@ class StepSync {
   virtual void sum(at::Tensor& t, const char* what) = 0;
 };
 
-}  // namespace keel::train
+}  // namespace keel::dist

@@ -18,9 +18,11 @@
 #include "keel/monitor/step_timer.h"
 #include "keel/train/locator.h"
 #include "keel/train/loss_scaler.h"
-#include "keel/train/sync.h"
+#include "keel/dist/sync.h"
 
 namespace keel::train {
+
+using dist::StepSync;
 
 class Ema;
 
