@@ -50,6 +50,4 @@ InterruptGuard::~InterruptGuard() {
 
 bool stop_requested() { return g_requested != 0; }
 
-void set_stop_requested(bool v) { g_requested = v ? 1 : 0; }
-
 }  // namespace keel::util

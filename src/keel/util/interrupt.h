@@ -16,7 +16,4 @@ class InterruptGuard {
 // True once a SIGINT arrived under an InterruptGuard (always false without one).
 bool stop_requested();
 
-// Sets or clears the request (tests; a stop the program asks for itself).
-void set_stop_requested(bool v);
-
 }  // namespace keel::util
