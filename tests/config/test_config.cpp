@@ -218,21 +218,3 @@ TEST(Config, MicroBatchAcceptsAutoInFilesAndOverrides) {
   EXPECT_THAT(error_of([] { keel::config::parse("", "t.toml", {"train.batch_size=96", "train.micro_batch=64"}); }),
               HasSubstr("must divide train.batch_size"));
 }
-
-// run.name names one directory under run.dir: a path ("/abs", "a/b") or "."/".." would write elsewhere.
-TEST(Config, RunNameMustBeOnePathComponent) {
-  for (const std::string name : {"/abs", "../..", "..", ".", "a/b", "x/"}) {
-    std::string msg = error_of([&] { keel::config::parse("[run]\n\nname = \"" + name + "\"\n", "cfg.toml"); });
-    EXPECT_THAT(msg, HasSubstr("cfg.toml:3")) << name;
-    EXPECT_THAT(msg, HasSubstr("'run.name'")) << name;
-    EXPECT_THAT(msg, HasSubstr("a single directory name")) << name;
-  }
-  std::string msg = error_of([] { keel::config::parse("", "cfg.toml", {"run.name=../escape"}); });
-  EXPECT_THAT(msg, HasSubstr("--set run.name=../escape"));
-  EXPECT_THAT(msg, HasSubstr("'run.name'"));
-  // Ordinary names, dots inside included, are fine.
-  for (const std::string name : {"resnet20-fmnist", "a.b", "..x", "run_1"}) {
-    EXPECT_EQ(keel::config::parse("[run]\nname = \"" + name + "\"\n", "cfg.toml").run.name, name);
-  }
-}
-
