@@ -501,7 +501,7 @@ TEST(Guard, ScalerOverflowIsNotFatalWithTheGuardOff) {
 }
 
 TEST(Guard, CollapsedLossScaleStopsAndNamesDivergence) {
-  // From scale 1, the 15th backoff takes it to 2^-15 < amp.min_scale (2^-14): divergence, not fp16 range.
+  // From scale 1, the 15th backoff takes it to 2^-15 < the floor (LossScalerOptions::min_scale, 2^-14): divergence, not fp16 range.
   Fixture f;
   StepOptions o = scaled_injecting(attempts_range(1, 40), "grad", 1.0);
   StepRunner r(*f.model, *f.opt, o, [](int64_t) { return 0.05; });

@@ -459,7 +459,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
 
 void StepRunner::scale_collapsed(const at::Tensor& x, const at::Tensor& y, int64_t attempt) {
   std::string report = fmt::format(
-      "training diverged: the loss scale collapsed to {:.3g} (below amp.min_scale = {:.3g}) after {} gradient "
+      "training diverged: the loss scale collapsed to {:.3g} (below the floor {:.3g} = 2^-14) after {} gradient "
       "overflows in a row at step {} (attempt {}): the gradients are inf/NaN at any scale while the loss is finite, "
       "which is divergence, not fp16 range.",
       scaler_.scale_value(), scaler_.options().min_scale, consecutive_overflows_, steps_ + 1, attempt);

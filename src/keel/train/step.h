@@ -137,7 +137,7 @@ class StepRunner {
   // ...)"); anything else is rethrown.
   std::string replay_out_of_memory(const std::exception& e);
   void maybe_inject_replay_oom() const;  // InjectOptions::oom_replay_steps
-  // The stop when the loss scaler's backoffs took the scale below amp.min_scale: divergence, named.
+  // The stop when the loss scaler's backoffs took the scale below LossScalerOptions::min_scale: divergence, named.
   [[noreturn]] void scale_collapsed(const at::Tensor& x, const at::Tensor& y, int64_t attempt);
   // For a finite loss spike: the first module whose output grew by more than guard.spike_factor
   // between the last good (snapshot) weights and the current ones, on this batch.
