@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "../image_files.h"
 #include "data_test_util.h"
@@ -442,6 +443,117 @@ TEST_F(BadFiles, SkipModeReplacesEachByTheNextReadableSampleInOrder) {
       ds_->read_image(5, good0.data());
       EXPECT_EQ(first, good0) << "workers=" << workers;
     }
+  }
+}
+
+
+// ---- Symbolic links in image folders (docs/data.md, "Symbolic links").
+
+// root/train/a/{x0,x1}.jpg, root/train/a/sub/x2.jpg, root/train/b/y0.jpg.
+fs::path small_tree(const fs::path& root) {
+  fs::create_directories(root / "train" / "a" / "sub");
+  fs::create_directories(root / "train" / "b");
+  const auto px = test::pattern_rgb(20, 16, 1);
+  for (const char* f : {"train/a/x0.jpg", "train/a/x1.jpg", "train/a/sub/x2.jpg", "train/b/y0.jpg"}) {
+    test::write_jpeg((root / f).string(), px, 20, 16);
+  }
+  return root;
+}
+
+ImageFolderOptions tiny() {
+  ImageFolderOptions o;
+  o.size = 8;
+  return o;
+}
+
+TEST(ImageFolder, ADirectoryLoopIsScannedOnce) {
+  const fs::path root = small_tree(testing::scratch_dir());
+  fs::create_directory_symlink("..", root / "train" / "a" / "sub" / "up");  // sub/up -> a: a loop
+  fs::create_directory_symlink(".", root / "train" / "b" / "self");         // b/self -> b: a loop
+  std::unique_ptr<ImageFolderDataset> ds;
+  ASSERT_NO_THROW(ds = make_image_folder_split(root.string(), tiny(), true));
+  EXPECT_EQ(ds->size(), 4u) << "a loop must not repeat the images it leads back to";
+  std::vector<std::string> files;
+  for (size_t i = 0; i < ds->size(); ++i) files.push_back(fs::path(ds->describe(i)).lexically_relative(root).string());
+  EXPECT_EQ(files, (std::vector<std::string>{"train/a/sub/x2.jpg", "train/a/x0.jpg", "train/a/x1.jpg",
+                                             "train/b/y0.jpg"}));
+}
+
+TEST(ImageFolder, LinksInsideTheDataRootAreFollowed) {
+  const fs::path base = testing::scratch_dir();
+  const fs::path root = small_tree(base / "root");
+  fs::create_directories(root / "store" / "more");
+  test::write_jpeg((root / "store" / "s0.jpg").string(), test::pattern_rgb(20, 16, 2), 20, 16);
+  test::write_jpeg((root / "store" / "more" / "s1.jpg").string(), test::pattern_rgb(20, 16, 3), 20, 16);
+  fs::create_symlink("../../store/s0.jpg", root / "train" / "b" / "linked.jpg");  // a file link
+  fs::create_directory_symlink("../../store/more", root / "train" / "b" / "more");     // a directory link
+  fs::create_directory_symlink("../b", root / "train" / "a" / "bee");                   // into another class
+  auto ds = make_image_folder_split(root.string(), tiny(), true);
+  std::vector<std::string> files;
+  for (size_t i = 0; i < ds->size(); ++i) files.push_back(fs::path(ds->describe(i)).lexically_relative(root).string());
+  EXPECT_EQ(files, (std::vector<std::string>{"train/a/bee/linked.jpg", "train/a/bee/more/s1.jpg",
+                                             "train/a/bee/y0.jpg", "train/a/sub/x2.jpg", "train/a/x0.jpg",
+                                             "train/a/x1.jpg", "train/b/linked.jpg", "train/b/more/s1.jpg",
+                                             "train/b/y0.jpg"}));
+  // The split folder itself may be a link (data.root/train -> elsewhere inside or outside the root).
+  const fs::path other = base / "elsewhere";
+  fs::create_directories(other);
+  fs::rename(root / "train", other / "train");
+  fs::create_directory_symlink(other / "train", root / "train");
+  fs::remove(other / "train" / "b" / "linked.jpg");
+  fs::remove(other / "train" / "b" / "more");
+  fs::remove(other / "train" / "a" / "bee");
+  EXPECT_EQ(make_image_folder_split(root.string(), tiny(), true)->size(), 4u);
+}
+
+TEST(ImageFolder, ALinkLeavingTheDataRootIsAnErrorNamingIt) {
+  const fs::path base = testing::scratch_dir();
+  const fs::path outside = base / "outside";
+  fs::create_directories(outside);
+  test::write_jpeg((outside / "secret.jpg").string(), test::pattern_rgb(20, 16, 4), 20, 16);
+  const fs::path root = small_tree(base / "root");
+  for (const bool dir_link : {false, true}) {
+    const fs::path link = root / "train" / "a" / (dir_link ? "elsewhere" : "leak.jpg");
+    if (dir_link) fs::create_directory_symlink(outside, link);
+    else fs::create_symlink(outside / "secret.jpg", link);
+    try {
+      make_image_folder_split(root.string(), tiny(), true);
+      ADD_FAILURE() << "a link out of the data root was accepted (dir_link=" << dir_link << ")";
+    } catch (const std::runtime_error& e) {
+      EXPECT_THAT(e.what(), HasSubstr(link.string()));
+      EXPECT_THAT(e.what(), HasSubstr(fs::canonical(outside).string()));
+      EXPECT_THAT(e.what(), HasSubstr("outside the data root"));
+    }
+    fs::remove(link);
+  }
+}
+
+// ---- Per-thread decode buffers after one huge image.
+
+TEST(ImageFolder, DecodeBuffersShrinkBackAfterAHugeImage) {
+  const fs::path root = testing::scratch_dir();
+  fs::create_directories(root / "c");
+  test::write_png((root / "c" / "0huge.png").string(), test::pattern_rgb(6000, 4000, 1), 6000, 4000);  // 72 MB RGB
+  test::write_jpeg((root / "c" / "1small.jpg").string(), test::pattern_rgb(64, 48, 2), 64, 48);
+  for (const bool train : {false, true}) {
+    ImageFolderOptions o;
+    o.size = 32;
+    o.eval_resize = 40;
+    o.train = train;
+    ImageFolderDataset ds(root.string(), o);
+    std::vector<uint8_t> out(3 * 32 * 32);
+    std::thread([&] {  // a fresh thread: its buffers start empty, as a loader worker's
+      ds.read_sample(1, 0, out.data());
+      const size_t small = decode_buffer_bytes();
+      EXPECT_GT(small, 0u);
+      ds.read_sample(1, 0, out.data());
+      EXPECT_EQ(decode_buffer_bytes(), small) << "buffers of ordinary images are kept, not reallocated";
+      ds.read_sample(0, 0, out.data());
+      EXPECT_LE(decode_buffer_bytes(), kRetainedDecodeBytes) << "train=" << train
+          << ": the buffers grown for a 6000x4000 image must go back to the bound";
+      ds.read_sample(1, 0, out.data());
+      EXPECT_LE(decode_buffer_bytes(), kRetainedDecodeBytes);
+    }).join();
   }
 }
 

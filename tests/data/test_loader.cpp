@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <numeric>
 #include <set>
 #include <chrono>
@@ -12,6 +14,7 @@
 
 #include "data_test_util.h"
 #include "keel/data/loader.h"
+#include "keel/device/host_buffer.h"
 
 namespace keel::data {
 namespace {
@@ -325,6 +328,171 @@ TEST(Loader, EmptyDatasetEndsAtOnce) {
   EXPECT_EQ(loader.batches_per_epoch(), 0);
   loader.start_epoch(0);
   EXPECT_FALSE(loader.next().has_value());
+}
+
+
+// ---- Upload completion bookkeeping (item: a pinned buffer must not be refilled while a GPU copy reads it).
+// A fake completion stands in for the CUDA event: the test decides when the "copy" is over.
+
+// An upload the test completes: done() says what the test set; wait() is the host blocking until the
+// GPU finishes, so afterwards it is complete.
+struct FakeUpload : device::UploadCompletion {
+  std::atomic<bool> complete{false};
+  std::atomic<int> waits{0};
+  bool done() override { return complete; }
+  void wait() noexcept override {
+    ++waits;
+    complete = true;
+  }
+};
+
+// FakeDataset that records every write into a buffer range a still incomplete FakeUpload covers:
+// that write would overwrite memory the GPU is still copying from.
+class WatchedDataset : public FakeDataset {
+ public:
+  using FakeDataset::FakeDataset;
+  void watch(const void* begin, size_t bytes, std::shared_ptr<FakeUpload> u) {
+    std::lock_guard<std::mutex> lk(mu_);
+    watched_.push_back({static_cast<const uint8_t*>(begin), bytes, std::move(u)});
+  }
+  void read_image(size_t i, uint8_t* dst) const override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (const auto& w : watched_) {
+        if (dst >= w.begin && dst < w.begin + w.bytes && !w.upload->complete) ++violations;
+      }
+    }
+    FakeDataset::read_image(i, dst);
+  }
+  mutable std::atomic<int> violations{0};
+
+ private:
+  struct Watch {
+    const uint8_t* begin;
+    size_t bytes;
+    std::shared_ptr<FakeUpload> upload;
+  };
+  mutable std::mutex mu_;
+  std::vector<Watch> watched_;
+};
+
+// What device::Uploader does on CUDA after queueing a copy from a loader batch.
+std::shared_ptr<FakeUpload> fake_upload(const at::Tensor& host, WatchedDataset& ds, bool complete = false) {
+  auto u = std::make_shared<FakeUpload>();
+  u->complete = complete;
+  device::PendingUploads* p = device::pending_uploads(host);
+  EXPECT_NE(p, nullptr) << "a loader batch must carry its buffer's upload bookkeeping";
+  if (p) p->add(u);
+  ds.watch(host.data_ptr(), static_cast<size_t>(host.nbytes()), u);
+  return u;
+}
+
+TEST(Loader, BufferIsNotRefilledBeforeItsUploadCompletes) {
+  auto ds = std::make_shared<WatchedDataset>(16);
+  Loader loader(ds, LoaderOptions().batch_size(4).workers(0));
+  loader.start_epoch(0);
+  auto b0 = loader.next();
+  const void* buffer = b0->images.data_ptr();
+  auto up = fake_upload(b0->images, *ds);  // a copy from b0 still in flight
+  b0.reset();                              // the consumer lets go of the batch at once (evaluate() does)
+  auto b1 = loader.next();                 // the pool's only free buffer is b0's
+  EXPECT_EQ(b1->images.data_ptr(), buffer) << "the test needs the buffer to be reused";
+  EXPECT_EQ(ds->violations, 0) << "batch 1 was written into the buffer while the upload of batch 0 still read it";
+  EXPECT_EQ(up->waits, 1) << "the loader must wait for the upload before refilling its buffer";
+  EXPECT_EQ(fake_index(b1->images.data_ptr<uint8_t>()), epoch_indices(16, SamplerOptions{}, 0, 0, 1)[4]);
+}
+
+TEST(Loader, AFreeBufferWhoseUploadIsDoneIsTakenWithoutWaiting) {
+  auto ds = std::make_shared<WatchedDataset>(16);
+  Loader loader(ds, LoaderOptions().batch_size(4).workers(0));
+  loader.start_epoch(0);
+  auto b0 = loader.next();
+  auto b1 = loader.next();  // b0 still held: a second buffer
+  const void* done_buffer = b1->images.data_ptr();
+  auto pending = fake_upload(b0->images, *ds, /*complete=*/false);
+  auto finished = fake_upload(b1->images, *ds, /*complete=*/true);
+  b1.reset();
+  b0.reset();  // given back last: the pool's newest free buffer, but its upload is still running
+  auto b2 = loader.next();
+  EXPECT_EQ(b2->images.data_ptr(), done_buffer) << "the buffer whose upload finished is the one to reuse";
+  EXPECT_EQ(pending->waits, 0) << "no need to wait while a finished buffer is free";
+  EXPECT_EQ(ds->violations, 0);
+}
+
+TEST(Loader, ABufferIsFreedOnlyAfterItsUploadsComplete) {
+  auto ds = std::make_shared<WatchedDataset>(40);
+  std::vector<std::shared_ptr<FakeUpload>> ups;
+  {
+    Loader loader(ds, LoaderOptions().batch_size(4).workers(0));  // keeps 2 free buffers
+    loader.start_epoch(0);
+    std::vector<Batch> held;
+    for (int i = 0; i < 3; ++i) {
+      held.push_back(*loader.next());
+      ups.push_back(fake_upload(held.back().images, *ds));
+      ups.push_back(fake_upload(held.back().labels, *ds));  // labels are uploaded too
+    }
+    held.clear();  // the third buffer returned is beyond what the pool keeps: freed
+    int waited = 0;
+    for (const auto& u : ups) waited += u->waits;
+    EXPECT_EQ(waited, 2) << "the buffer freed beyond the pool's size must wait for its image and label uploads";
+  }
+  // The Loader (and with it the pool) is gone: every buffer was freed, each after its uploads.
+  for (size_t i = 0; i < ups.size(); ++i) EXPECT_TRUE(ups[i]->complete) << "upload " << i << " never waited for";
+  EXPECT_EQ(ds->violations, 0);
+}
+
+// ---- Skipping: each unreadable sample is read once, not once per sample that scans past it.
+
+// FakeDataset with a set of unreadable indices that counts every read of each index.
+class CountingBad : public FakeDataset {
+ public:
+  CountingBad(size_t n, std::set<int64_t> bad) : FakeDataset(n), bad_(std::move(bad)), reads_(n) {}
+  void read_image(size_t i, uint8_t* dst) const override {
+    ++reads_[i];
+    if (bad_.count(static_cast<int64_t>(i))) throw std::runtime_error("bad " + std::to_string(i));
+    FakeDataset::read_image(i, dst);
+  }
+  int reads(size_t i) const { return reads_[i]; }
+  void reset() const {
+    for (auto& r : reads_) r = 0;
+  }
+
+ private:
+  std::set<int64_t> bad_;
+  mutable std::vector<std::atomic<int>> reads_;
+};
+
+TEST(Loader, SkipModeReadsEachBadSampleOnce) {
+  std::set<int64_t> bad;
+  for (int64_t i = 10; i < 30; ++i) bad.insert(i);  // a run of 20, as a broken class folder gives in order
+  bad.insert(45);
+  bad.insert(59);  // the last: its replacement wraps to the start
+  auto ds = std::make_shared<CountingBad>(60, bad);
+  SamplerOptions in_order;
+  in_order.shuffle = false;
+  std::vector<int64_t> expected(60);
+  for (int64_t p = 0; p < 60; ++p) {
+    int64_t q = p;
+    while (bad.count(q)) q = (q + 1) % 60;
+    expected[p] = q;  // the next readable sample of the epoch order
+  }
+  for (int64_t workers : {0, 1, 3}) {
+    ds->reset();
+    Loader loader(ds, LoaderOptions().batch_size(6).workers(workers).sampler(in_order).on_error(OnError::kSkip));
+    for (int64_t epoch = 0; epoch < 2; ++epoch) {
+      Stream s;
+      run_bounded([&] { s = read_epoch(loader, epoch); }, 60, "skip epoch");
+      EXPECT_EQ(s.samples, expected) << "workers=" << workers << " epoch " << epoch;
+      EXPECT_EQ(loader.skipped_samples(), 22) << "workers=" << workers << " epoch " << epoch;
+    }
+    // Once known unreadable, a sample is not read again, in this epoch or the next. Workers racing to the
+    // same unknown sample may each read it once.
+    const int most = static_cast<int>(std::max<int64_t>(1, workers));
+    for (int64_t i : bad) EXPECT_LE(ds->reads(static_cast<size_t>(i)), most) << "sample " << i << " workers=" << workers;
+    if (workers <= 1) {
+      for (int64_t i : bad) EXPECT_EQ(ds->reads(static_cast<size_t>(i)), 1) << "sample " << i;
+    }
+  }
 }
 
 }  // namespace

@@ -5,8 +5,11 @@
 
 #include <torch/torch.h>
 
+#include <cstring>
+
 #include "keel/compat/torch_compat.h"
 #include "keel/config/config.h"
+#include "keel/data/loader.h"
 #include "keel/device/device.h"
 #include "keel/memory/cpu_allocator.h"
 #include "keel/models/registry.h"
@@ -144,6 +147,70 @@ TEST(Cuda, UploadIsExactAndOrderedWithCompute) {
     sum += d.sum();  // on the compute stream: must see the finished copy
   }
   EXPECT_EQ(sum.item<int64_t>(), expected);
+}
+
+// Queues about 20-40 ms of copying on the uploader's side stream (1 GiB host -> device), so that a copy
+// queued after it is still waiting while the host goes on: a buffer overwritten then would be caught.
+at::Tensor keep_copy_stream_busy(device::Uploader& up) { return up.upload(at::ones({int64_t{1} << 30}, at::kByte)); }
+
+// Pinned memory the caller owns (not a loader buffer), overwritten right after upload() returns.
+TEST(Cuda, PinnedTensorOverwrittenAtOnceAfterUploadKeepsItsData) {
+  REQUIRE_GPU();
+  const at::Device gpu(at::kCUDA, 0);
+  device::Uploader up(gpu);
+  at::Tensor pinned = at::full({8, 3, 256, 256}, 7, at::TensorOptions(at::kByte).pinned_memory(true));
+  ASSERT_TRUE(pinned.is_pinned());
+  const at::Tensor busy = keep_copy_stream_busy(up);
+  at::Tensor d = up.upload(pinned);
+  pinned.fill_(9);  // reused at once
+  EXPECT_TRUE(d.eq(7).all().item<bool>()) << "the upload carried the overwritten values, not the uploaded ones";
+  EXPECT_EQ(busy.sum().item<int64_t>(), int64_t{1} << 30);
+}
+
+// Every sample a constant: its index + 1 (mod 256), so a batch's data shows which samples it holds.
+class ConstantImages : public data::Dataset {
+ public:
+  size_t size() const override { return 64; }
+  data::ImageShape shape() const override { return {3, 512, 512}; }
+  int64_t num_classes() const override { return 10; }
+  int64_t label(size_t i) const override { return static_cast<int64_t>(i % 10); }
+  void read_image(size_t i, uint8_t* dst) const override {
+    std::memset(dst, static_cast<int>((i + 1) % 256), static_cast<size_t>(shape().numel()));
+  }
+  std::string describe(size_t i) const override { return "constant[" + std::to_string(i) + "]"; }
+};
+
+// The loader's pinned batch buffers, released right after the upload as evaluate() does, so the pool
+// refills the same buffer at once (no training step's host sync in between).
+TEST(Cuda, PinnedLoaderBufferReusedAtOnceKeepsEachUploadsData) {
+  REQUIRE_GPU();
+  const at::Device gpu(at::kCUDA, 0);
+  auto ds = std::make_shared<ConstantImages>();
+  data::SamplerOptions in_order;
+  in_order.shuffle = false;
+  data::Loader loader(ds, data::LoaderOptions().batch_size(8).workers(0).sampler(in_order).pin_memory(true));
+  device::Uploader up(gpu);
+  const at::Tensor busy = keep_copy_stream_busy(up);
+  loader.start_epoch(0);
+  std::vector<at::Tensor> images, labels;
+  std::vector<const void*> buffers;
+  while (auto b = loader.next()) {
+    ASSERT_TRUE(b->images.is_pinned());
+    buffers.push_back(b->images.data_ptr());
+    images.push_back(up.upload(b->images));
+    labels.push_back(up.upload(b->labels));
+  }  // b released here: the next next() refills its buffer
+  ASSERT_EQ(images.size(), 8u);
+  EXPECT_EQ(buffers[1], buffers[0]) << "the test needs the pool to reuse the buffer at once";
+  for (size_t k = 0; k < images.size(); ++k) {
+    at::Tensor expected = (at::arange(8, at::TensorOptions(at::kLong).device(gpu)) + int64_t(8 * k + 1)).remainder(256);
+    at::Tensor per_sample = images[k].view({8, -1});
+    EXPECT_TRUE(per_sample.eq(expected.to(at::kByte).view({8, 1})).all().item<bool>())
+        << "batch " << k << " holds another batch's pixels: its buffer was refilled during the copy";
+    EXPECT_TRUE(labels[k].eq((at::arange(8, at::TensorOptions(at::kLong).device(gpu)) + int64_t(8 * k)).remainder(10))
+                    .all().item<bool>()) << "batch " << k << " labels";
+  }
+  EXPECT_EQ(busy.sum().item<int64_t>(), int64_t{1} << 30);
 }
 
 TEST(Cuda, MemoryStatsFollowTheCachingAllocator) {

@@ -473,11 +473,25 @@ void crop_resize_to_chw(const Pixels& src, CropBox box, int out_w, int out_h, ui
   resize_window_to_planes(src, x0, y0, w, h, out_w, out_h, dst, static_cast<size_t>(out_w) * out_h, out_w, scratch);
 }
 
+namespace {
+// The calling thread's resized image of resize_center_crop_to_chw, reused between calls.
+std::vector<uint8_t>& resized_buffer() {
+  thread_local std::vector<uint8_t> resized;
+  return resized;
+}
+}  // namespace
+
+size_t resize_buffer_bytes() { return resized_buffer().capacity(); }
+
+void trim_resize_buffer(size_t max_bytes) {
+  if (resized_buffer().capacity() > max_bytes) std::vector<uint8_t>().swap(resized_buffer());
+}
+
 void resize_center_crop_to_chw(const Pixels& src, const CenterCrop& cc, uint8_t* dst, std::vector<uint8_t>& scratch) {
   // The whole image resized into planes (after the split planes in `scratch`), then the centre window kept.
   const int C = src.channels, stride = aligned_stride(cc.resized_w);
   const size_t plane = static_cast<size_t>(stride) * cc.resized_h;
-  thread_local std::vector<uint8_t> resized;
+  std::vector<uint8_t>& resized = resized_buffer();
   resized.resize(plane * C);
   resize_window_to_planes(src, 0, 0, src.width, src.height, cc.resized_w, cc.resized_h, resized.data(), plane, stride,
                           scratch);

@@ -15,7 +15,7 @@ ImageFormat sniff_format(const uint8_t* data, size_t size);
 // Decoded pixels, interleaved HWC uint8 with 1 (gray) or 3 (RGB) channels.
 struct Pixels {
   int width = 0, height = 0, channels = 0;
-  std::vector<uint8_t> data;  // reused between decodes: grows, never shrinks
+  std::vector<uint8_t> data;  // reused between decodes (the image folder releases it after a huge image)
   // Where these pixels lie in the (DCT-scaled) image: the whole of it after decode(), a window
   // after decode_crop().
   int origin_x = 0, origin_y = 0, image_width = 0, image_height = 0;
@@ -54,6 +54,13 @@ class ImageDecoder {
   // pixels); those pixels equal decode()'s. PNG: decode() and the box unchanged.
   CropBox decode_crop(const uint8_t* data, size_t size, int channels, double min_scale, CropBox box, Pixels& out);
 
+  // Bytes this decoder keeps allocated between images (its CMYK staging buffer).
+  size_t buffer_bytes() const { return cmyk_.capacity(); }
+  // Releases that buffer when it holds more than max_bytes (grown for one huge image).
+  void trim(size_t max_bytes) {
+    if (cmyk_.capacity() > max_bytes) std::vector<uint8_t>().swap(cmyk_);
+  }
+
  private:
   void* tj_;  // tjhandle
   std::vector<uint8_t> cmyk_;
@@ -79,6 +86,10 @@ CenterCrop center_crop(int width, int height, int resize, int size);
 // `src` may be a DCT-scaled decode: the resize then starts from fewer pixels.
 void resize_center_crop_to_chw(const Pixels& src, const CenterCrop& cc, uint8_t* dst,
                                std::vector<uint8_t>& scratch);
+// Bytes the calling thread's resize_center_crop_to_chw keeps allocated between calls (the resized image).
+size_t resize_buffer_bytes();
+// Releases that buffer when it holds more than max_bytes.
+void trim_resize_buffer(size_t max_bytes);
 
 // torchvision's RandomResizedCrop.get_params on a width x height image, drawing from a
 // splitmix64 stream seeded by `seed`: 10 tries of area fraction in scale, log-uniform aspect in

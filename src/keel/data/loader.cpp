@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "keel/device/host_buffer.h"
+
 namespace keel::data {
 namespace {
 
@@ -23,6 +25,7 @@ struct Slot {
   at::Tensor images;  // uint8 (batch_size, C, H, W)
   at::Tensor labels;  // int64 (batch_size)
   at::Tensor ids;     // int64 (batch_size): dataset index of each sample
+  std::shared_ptr<device::PendingUploads> uploads;  // uploads still reading images / labels
 };
 
 // Free buffers. Shared with the deleters of delivered batches, so a batch may outlive its Loader.
@@ -33,25 +36,54 @@ class Pool {
     free_.reserve(keep_);  // so give() never allocates (it runs inside tensor deleters)
   }
 
-  // A free buffer, or a new one when the consumer still holds all the old ones.
+  // Waits for the uploads still reading the free buffers: their memory goes back to the allocator now.
+  ~Pool() {
+    for (auto& s : free_) s.uploads->wait();
+  }
+
+  // A free buffer whose uploads have all finished (the newest such), else the oldest free one once its
+  // uploads have finished (waited for on this thread), else a new one when the consumer still holds all
+  // the old ones. A buffer is never written while a device copy from it may still be running: only the
+  // training step's host sync would otherwise guarantee that, and evaluation has none.
   Slot take() {
+    Slot s;
+    bool must_wait = false;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (!free_.empty()) {
-        Slot s = std::move(free_.back());
-        free_.pop_back();
-        return s;
+      for (size_t i = free_.size(); i-- > 0;) {
+        if (free_[i].uploads->done()) {
+          s = std::move(free_[i]);
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          return s;
+        }
       }
+      if (!free_.empty()) {
+        s = std::move(free_.front());  // given back first: its copies were queued first
+        free_.erase(free_.begin());
+        must_wait = true;
+      }
+    }
+    if (must_wait) {
+      s.uploads->wait();
+      return s;
     }
     const auto opt = at::TensorOptions().pinned_memory(pinned_);
     return Slot{at::empty({batch_size_, shape_.channels, shape_.height, shape_.width}, opt.dtype(at::kByte)),
-                at::empty({batch_size_}, opt.dtype(at::kLong)), at::empty({batch_size_}, at::kLong)};
+                at::empty({batch_size_}, opt.dtype(at::kLong)), at::empty({batch_size_}, at::kLong),
+                std::make_shared<device::PendingUploads>()};
   }
 
-  // Returns a buffer; beyond `keep` free ones it is freed, so memory stays bounded.
+  // Returns a buffer; beyond `keep` free ones it is freed, so memory stays bounded — after its uploads
+  // have finished, since a pinned block goes back to LibTorch's host allocator, which may hand it out again.
   void give(Slot s) noexcept {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (free_.size() < keep_) free_.push_back(std::move(s));
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (free_.size() < keep_) {
+        free_.push_back(std::move(s));
+        return;
+      }
+    }
+    s.uploads->wait();
   }
 
  private:
@@ -72,6 +104,18 @@ struct Lease {
   std::shared_ptr<Pool> pool;
   Slot slot;
 };
+
+// A delivered tensor's storage context: keeps the lease (so the buffer) alive and exposes the buffer's
+// pending uploads to device::Uploader (device/host_buffer.h).
+struct LeaseView : device::TrackedHostMemory {
+  explicit LeaseView(std::shared_ptr<Lease> l) : lease(std::move(l)) { uploads = lease->slot.uploads; }
+  std::shared_ptr<Lease> lease;
+};
+
+// A tensor viewing `data` of the lease's buffer.
+at::Tensor lease_view(const std::shared_ptr<Lease>& lease, void* data, at::IntArrayRef sizes, at::ScalarType dtype) {
+  return device::tracked_host_tensor(data, sizes, at::TensorOptions().dtype(dtype), std::make_unique<LeaseView>(lease));
+}
 
 // A finished batch waiting for its turn (or the error that stopped it).
 struct Ready {
@@ -136,6 +180,53 @@ struct Loader::Impl {
   std::mutex log_mu;                // guards `reported`
   std::set<size_t> reported;        // samples already logged as unreadable (once per run)
 
+  // Samples found unreadable under OnError::kSkip: one flag per dataset index, allocated at the first
+  // failure; a sample known bad is not read again by this Loader (in this epoch or a later one).
+  std::mutex bad_mu;  // guards bad_store's allocation, `skip` and `skipped_positions`
+  std::unique_ptr<std::atomic<bool>[]> bad_store;
+  std::atomic<std::atomic<bool>*> bad{nullptr};
+  // Per epoch, over positions of `order`: skip[p] == p, or a later position (cyclic) to look at instead,
+  // because p's sample is known bad (a union-find forest with path compression, so a search for the next
+  // readable position steps over a run of known-bad ones in near-constant time). Built at the first failure.
+  std::vector<int64_t> skip;
+  int64_t skipped_positions = 0;  // positions linked past in `skip`
+
+  bool known_bad(size_t index) const {
+    const std::atomic<bool>* b = bad.load(std::memory_order_acquire);
+    return b && b[index].load(std::memory_order_relaxed);
+  }
+  void mark_bad(size_t index) {
+    std::lock_guard<std::mutex> lk(bad_mu);
+    if (!bad_store) {
+      bad_store.reset(new std::atomic<bool>[dataset.size()]());
+      bad.store(bad_store.get(), std::memory_order_release);
+    }
+    bad_store[index].store(true, std::memory_order_relaxed);
+  }
+  // The first position at or after p (cyclic) whose sample is not known bad; -1 when none is left.
+  int64_t candidate(int64_t p) {
+    const auto n = static_cast<int64_t>(order.size());
+    std::lock_guard<std::mutex> lk(bad_mu);
+    if (skip.empty()) {
+      skip.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) skip[static_cast<size_t>(i)] = i;
+    }
+    for (;;) {
+      if (skipped_positions >= n) return -1;  // every link set: following them would cycle
+      int64_t r = p;
+      while (skip[static_cast<size_t>(r)] != r) r = skip[static_cast<size_t>(r)];
+      while (p != r) {  // path compression
+        const int64_t next = skip[static_cast<size_t>(p)];
+        skip[static_cast<size_t>(p)] = r;
+        p = next;
+      }
+      if (!known_bad(static_cast<size_t>(order[static_cast<size_t>(r)]))) return r;
+      skip[static_cast<size_t>(r)] = (r + 1) % n;
+      ++skipped_positions;
+      p = r;
+    }
+  }
+
   std::exception_ptr error;  // sticky until start_epoch()
   State state = State::kIdle;
   double last_wait = 0.0;
@@ -180,38 +271,50 @@ struct Loader::Impl {
       if (cancel.load(std::memory_order_relaxed)) return -1;
       const size_t index = static_cast<size_t>(order[j]);
       uint8_t* dst = images + (j - begin) * sample_bytes;
-      std::string reason;
-      try {
-        load(index, dst, &labels[j - begin]);
-        ids[j - begin] = static_cast<int64_t>(index);
-        continue;
-      } catch (const std::exception& e) {
-        reason = e.what();
-      } catch (...) {
-        reason = "unknown exception";
+      std::string reason;  // empty: known unreadable, not read again
+      if (!known_bad(index)) {
+        try {
+          load(index, dst, &labels[j - begin]);
+          ids[j - begin] = static_cast<int64_t>(index);
+          continue;
+        } catch (const std::exception& e) {
+          reason = e.what();
+        } catch (...) {
+          reason = "unknown exception";
+        }
+        if (reason.empty()) reason = "unknown error";
       }
       if (opts.on_error() == OnError::kFail) throw std::runtime_error(describe(index) + ": " + reason);
-      report(index, reason);
+      if (!reason.empty()) {
+        report(index, reason);
+        mark_bad(index);
+      } else {
+        reason = "unreadable, reported when first read";
+      }
       skipped.fetch_add(1, std::memory_order_relaxed);
       // The replacement rule: the next readable sample of this rank's epoch order, wrapping around.
-      bool replaced = false;
-      const size_t n = order.size();
-      for (size_t step = 1; step < n && !replaced; ++step) {
+      // Known-bad positions are stepped over without reading (candidate()), so each unreadable sample is
+      // read once, not once per sample whose replacement search passes it.
+      for (;;) {
         if (cancel.load(std::memory_order_relaxed)) return -1;
-        const size_t alt = static_cast<size_t>(order[(static_cast<size_t>(j) + step) % n]);
+        const int64_t q = candidate((j + 1) % static_cast<int64_t>(order.size()));
+        if (q < 0) {
+          throw std::runtime_error("no readable sample left to replace " + describe(index) + " (" + reason +
+                                   "): every sample of this epoch failed to load");
+        }
+        const size_t alt = static_cast<size_t>(order[static_cast<size_t>(q)]);
+        std::string why;
         try {
           load(alt, dst, &labels[j - begin]);
           ids[j - begin] = static_cast<int64_t>(alt);
-          replaced = true;
+          break;
         } catch (const std::exception& e) {
-          report(alt, e.what());
+          why = e.what();
         } catch (...) {
-          report(alt, "unknown exception");
+          why = "unknown exception";
         }
-      }
-      if (!replaced) {
-        throw std::runtime_error("no readable sample left to replace " + describe(index) + " (" + reason +
-                                 "): every sample of this epoch failed to load");
+        report(alt, why);
+        mark_bad(alt);
       }
     }
     return end - begin;
@@ -304,6 +407,8 @@ void Loader::start_epoch(int64_t epoch) {
                           options_.world_size());
   m.batches = batches_per_epoch();
   m.next_claim = m.next_deliver = m.in_flight = 0;
+  m.skip.clear();
+  m.skipped_positions = 0;
   m.claim_limit = m.batches;
   m.state = Impl::State::kRunning;
   const int64_t threads = std::min(options_.workers(), m.batches);
@@ -365,11 +470,9 @@ std::optional<Batch> Loader::next() {
   const ImageShape& s = m.shape;
   Batch batch;
   batch.index = k;
-  batch.images = at::from_blob(lease->slot.images.data_ptr(), {r.n, s.channels, s.height, s.width},
-                               [lease](void*) {}, at::TensorOptions().dtype(at::kByte));
-  batch.labels = at::from_blob(lease->slot.labels.data_ptr(), {r.n}, [lease](void*) {},
-                               at::TensorOptions().dtype(at::kLong));
-  batch.ids = at::from_blob(lease->slot.ids.data_ptr(), {r.n}, [lease](void*) {}, at::TensorOptions().dtype(at::kLong));
+  batch.images = lease_view(lease, lease->slot.images.data_ptr(), {r.n, s.channels, s.height, s.width}, at::kByte);
+  batch.labels = lease_view(lease, lease->slot.labels.data_ptr(), {r.n}, at::kLong);
+  batch.ids = lease_view(lease, lease->slot.ids.data_ptr(), {r.n}, at::kLong);
   return batch;
 }
 

@@ -3,6 +3,7 @@
 // Not yet run on a GPU in CI (no GPU there); tests/device checks what a CPU machine can.
 #ifdef KEEL_CUDA
 #include "keel/device/device.h"
+#include "keel/device/host_buffer.h"
 
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -13,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <map>
 #include <mutex>
 
@@ -71,6 +73,27 @@ void cuda_reset_peak(int index) {
 
 }  // namespace detail
 
+namespace {
+// One upload's completion: an event recorded on the copy stream right after the copy.
+class CopyDone : public UploadCompletion {
+ public:
+  CopyDone() : event_(c10::DeviceType::CUDA) {}
+  c10::Event& event() { return event_; }
+  bool done() override { return event_.query(); }
+  void wait() noexcept override {
+    try {
+      event_.synchronize();
+    } catch (const std::exception& e) {
+      // The device is in error: no copy will run any more; the next CUDA call of the run reports it.
+      std::fprintf(stderr, "keel: device: waiting for a host-to-device copy failed: %s\n", e.what());
+    }
+  }
+
+ private:
+  c10::Event event_;
+};
+}  // namespace
+
 struct Uploader::Impl {
   explicit Impl(at::Device d) : copy_stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, d.index())) {}
   c10::cuda::CUDAStream copy_stream;
@@ -87,9 +110,10 @@ Uploader::~Uploader() { delete impl_; }
 
 at::Tensor Uploader::upload(const at::Tensor& t) {
   if (!impl_) return t;  // CPU: the batch is already where it computes
-  // Pinned staging (LibTorch's caching host allocator records the copy's stream, so the pinned block
-  // is not reused before the copy has finished), then an asynchronous copy on the side stream.
-  at::Tensor pinned = t.is_pinned() ? t : t.pin_memory();
+  // A pageable tensor is staged in pinned memory from LibTorch's caching host allocator, which records
+  // the copy's stream and reuses the block only after the copy; a pinned one is copied from directly.
+  const bool caller_pinned = t.is_pinned();
+  at::Tensor pinned = caller_pinned ? t : t.pin_memory();
   const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
   at::Tensor out;
   {
@@ -97,12 +121,22 @@ at::Tensor Uploader::upload(const at::Tensor& t) {
     out = pinned.to(device_, /*non_blocking=*/true);
   }
   // The compute stream waits for the copy (on the GPU, not the host) ...
-  c10::Event copied(c10::DeviceType::CUDA);
-  copied.record(impl_->copy_stream.unwrap());
-  copied.block(compute.unwrap());
+  auto copied = std::make_shared<CopyDone>();
+  copied->event().record(impl_->copy_stream.unwrap());
+  copied->event().block(compute.unwrap());
   // ... and the caching allocator must not hand `out`'s block to the copy stream again until the
   // compute stream is done with it.
   c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), compute);
+  if (caller_pinned) {
+    // The GPU reads the caller's memory after this returns. A loader batch buffer carries its bookkeeping:
+    // the loader's pool refills it only after this copy (device/host_buffer.h). Any other pinned tensor has
+    // nothing to stop the caller overwriting it: wait for the copy here.
+    if (PendingUploads* p = pending_uploads(t)) {
+      p->add(copied);
+    } else {
+      copied->wait();
+    }
+  }
   return out;
 }
 

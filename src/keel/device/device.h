@@ -60,7 +60,11 @@ class Uploader {
   ~Uploader();
   Uploader(const Uploader&) = delete;
   Uploader& operator=(const Uploader&) = delete;
-  // t: a host tensor -> the same values on the device (the host tensor may be reused afterwards).
+  // t: a host tensor -> the same values on the device; the host tensor may be overwritten as soon as this
+  // returns. CUDA: a pageable tensor is staged in pinned memory and copied asynchronously; a pinned
+  // Loader batch is copied from directly, with the copy's completion recorded in the batch buffer's
+  // bookkeeping (host_buffer.h), so the loader refills that buffer only after the copy; any other pinned
+  // tensor is copied from directly and waited for before returning.
   at::Tensor upload(const at::Tensor& t);
   const at::Device& device() const { return device_; }
 
