@@ -2,14 +2,20 @@
 // detection, newest-valid lookup, pruning and compatibility messages.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <type_traits>
 
+#include <torch/script.h>
 #include <torch/torch.h>
 
 #include "keel/compat/torch_compat.h"
@@ -156,7 +162,8 @@ TEST(Checkpoint, RoundTripWithOptimizer) {
   expect_same(back.extra.at("ema"), c.extra.at("ema"));
   EXPECT_EQ(back.state, c.state);
   EXPECT_EQ(back.config_toml, c.config_toml);
-  EXPECT_EQ(back.optimizer_bytes, c.optimizer_bytes);
+  ASSERT_TRUE(back.optimizer && c.optimizer);
+  expect_same(*back.optimizer, *c.optimizer);
   EXPECT_EQ(back.step, 1);
   EXPECT_EQ(back.epoch, 0);
   EXPECT_EQ(back.model_name, "linear");
@@ -279,18 +286,24 @@ TEST(Checkpoint, AdamWStateRoundTrip) {
   torch::nn::Linear lin(4, 3);
   torch::optim::AdamW opt(lin->parameters(), torch::optim::AdamWOptions(1e-2));
   train_step(lin, opt);
-  std::string bytes = ckpt::optimizer_to_bytes(opt);
+  const StateDict state = ckpt::optimizer_state(opt);
   torch::nn::Linear lin2(4, 3);
   keel::models::load_state_dict(*lin2, keel::models::state_dict_of(*lin));
   torch::optim::AdamW opt2(lin2->parameters(), torch::optim::AdamWOptions(1e-2));
-  ckpt::optimizer_from_bytes(opt2, bytes);
+  ckpt::load_optimizer_state(opt2, state, "optimizer.pt");
   train_step(lin, opt);
   train_step(lin2, opt2);
   expect_same(keel::models::state_dict_of(*lin2), keel::models::state_dict_of(*lin));
   // State of a different parameter layout is refused.
   torch::nn::Linear other(torch::nn::LinearOptions(4, 3).bias(false));
   torch::optim::AdamW opt3(other->parameters());
-  EXPECT_THROW(ckpt::optimizer_from_bytes(opt3, bytes), std::runtime_error);
+  try {
+    ckpt::load_optimizer_state(opt3, state, "optimizer.pt");
+    ADD_FAILURE() << "expected a layout error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("optimizer.pt: the checkpoint's optimizer has 1 param groups of [2] parameters, "
+                                    "this optimizer 1 param groups of [1] parameters"));
+  }
 }
 
 // verify() and load() report truncation, a flipped byte, a missing manifest and an unknown version.
@@ -445,4 +458,224 @@ TEST(Checkpoint, CompatibilityNamesDifferences) {
   torch::nn::Linear nobias(torch::nn::LinearOptions(4, 3).bias(false));
   msg = ckpt::compatibility_problem(c, "resnet20", keel::models::state_dict_of(*nobias));
   EXPECT_THAT(msg, HasSubstr("weights in the checkpoint but not in the model (1): bias"));
+}
+
+// ---- issue 20 items 6 and 7: what optimizer.pt is read with, file modes, temporary names, fsync
+// errors and the window between the two renames of a re-saved step.
+
+namespace {
+
+// Rewrites the manifest entry of `name` in checkpoint `dir` to the file's current size and CRC-32, so
+// that verify() passes and the file reaches its reader (a hostile checkpoint is self-consistent).
+void reseal(const std::string& dir, const std::string& name) {
+  json m = json::parse(read_bytes(dir + "/manifest.json"));
+  char crc[9];
+  std::snprintf(crc, sizeof crc, "%08x", ckpt::file_crc32(dir + "/" + name));
+  m["files"][name] = {{"size", static_cast<uint64_t>(fs::file_size(dir + "/" + name))}, {"crc32", crc}};
+  write_bytes(dir + "/manifest.json", m.dump(1));
+}
+
+// A checkpoint of one SGD step with momentum (so optimizer.pt holds momentum buffers).
+ckpt::CheckpointContents with_sgd(int64_t step, torch::nn::Linear& lin, torch::optim::SGD& opt) {
+  train_step(lin, opt);
+  ckpt::CheckpointContents c = small(step);
+  c.model = keel::models::state_dict_of(*lin);
+  ckpt::capture_optimizer(c, opt);
+  return c;
+}
+
+// Permission bits of a path.
+unsigned mode_of(const std::string& path) {
+  return static_cast<unsigned>(fs::status(path).permissions()) & 0777u;
+}
+
+}  // namespace
+
+// fsync interposed for this test executable: with g_fail_dir_fsync set, fsync of a directory fails
+// with EIO (a full or failing disk), so that the tests see whether the error is reported.
+static bool g_fail_dir_fsync = false;
+extern "C" int fsync(int fd) {
+  struct stat st;
+  if (g_fail_dir_fsync && ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    errno = EIO;
+    return -1;
+  }
+  return static_cast<int>(::syscall(SYS_fsync, fd));
+}
+
+// optimizer.pt is a torch.save() dict of tensors that keel's own restricted reader reads (no
+// TorchScript archive), and it holds every momentum buffer bit for bit.
+TEST(Checkpoint, OptimizerFileIsAPlainStateDictForKeelsReader) {
+  TempDir tmp;
+  torch::manual_seed(1);
+  torch::nn::Linear lin(4, 3);
+  torch::optim::SGD opt(lin->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  const std::string dir = ckpt::save(tmp.path() + "/checkpoints", with_sgd(1, lin, opt));
+  StateDict sd;
+  ASSERT_NO_THROW(sd = keel::models::read_state_dict(dir + "/optimizer.pt"));
+  size_t buffers = 0;
+  auto params = lin->parameters();
+  for (const auto& [name, t] : sd) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (name == "state.0." + std::to_string(i) + ".momentum_buffer") {
+        EXPECT_TRUE(torch::equal(t, momentum_of(opt, params[i]))) << name;
+        ++buffers;
+      }
+    }
+  }
+  EXPECT_EQ(buffers, params.size());
+}
+
+// An optimizer.pt in LibTorch's TorchScript archive format (what keel wrote before) is refused with an
+// error naming the file, and TorchScript code inside it (a __setstate__ that raises) never runs.
+TEST(Checkpoint, TorchScriptOptimizerFileIsRefusedWithoutRunningIt) {
+  TempDir tmp;
+  torch::manual_seed(1);
+  torch::nn::Linear lin(4, 3);
+  torch::optim::SGD opt(lin->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  const std::string root = tmp.path() + "/checkpoints";
+
+  // (a) a hostile archive: loading it with torch::jit::load runs its __setstate__.
+  torch::jit::Module evil("Evil");
+  evil.register_attribute("x", c10::IntType::get(), c10::IValue(int64_t{1}));
+  evil.define(R"JIT(
+def __getstate__(self) -> int:
+    return self.x
+
+def __setstate__(self, state: int) -> None:
+    self.x = state
+    assert state < 0, "code from the checkpoint ran"
+)JIT");
+  std::ostringstream evil_bytes(std::ios::binary);
+  evil.save(evil_bytes);
+  {
+    // The input is live: LibTorch's loader (what keel used for optimizer.pt) runs its __setstate__.
+    std::istringstream in(evil_bytes.str(), std::ios::binary);
+    try {
+      torch::jit::load(in);
+      ADD_FAILURE() << "torch::jit::load was expected to run __setstate__ and raise";
+    } catch (const std::exception& e) {  // torch::jit::JITException
+      EXPECT_THAT(e.what(), HasSubstr("code from the checkpoint ran"));
+    }
+  }
+  // (b) the old format proper: Optimizer::save into a torch::serialize::OutputArchive.
+  torch::serialize::OutputArchive archive;
+  opt.save(archive);
+  std::ostringstream old_bytes(std::ios::binary);
+  archive.save_to(old_bytes);
+
+  int64_t step = 1;
+  for (const std::string& bytes : {evil_bytes.str(), old_bytes.str()}) {
+    const std::string dir = ckpt::save(root, with_sgd(step++, lin, opt));
+    write_bytes(dir + "/optimizer.pt", bytes);
+    reseal(dir, "optimizer.pt");
+    ASSERT_TRUE(ckpt::verify(dir).ok) << ckpt::verify(dir).problem;
+    torch::optim::SGD fresh(lin->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    try {
+      ckpt::CheckpointContents back = ckpt::load(dir);
+      ckpt::restore_optimizer(back, fresh);
+      ADD_FAILURE() << "a TorchScript optimizer.pt must be refused";
+    } catch (const std::runtime_error& e) {
+      EXPECT_THAT(e.what(), HasSubstr(dir + "/optimizer.pt"));
+      EXPECT_THAT(e.what(), HasSubstr("TorchScript"));
+      EXPECT_THAT(e.what(), Not(HasSubstr("code from the checkpoint ran")));
+    }
+  }
+}
+
+// Every file of a checkpoint is the owner's alone (0600) and its directory 0700, whatever the umask.
+TEST(Checkpoint, FilesAreOwnerOnlyByDefault) {
+  TempDir tmp;
+  const mode_t old_umask = ::umask(0);
+  torch::manual_seed(1);
+  torch::nn::Linear lin(4, 3);
+  torch::optim::SGD opt(lin->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  auto c = with_sgd(3, lin, opt);
+  c.extra["ema"] = c.model;
+  const std::string dir = ckpt::save(tmp.path() + "/checkpoints", c);
+  ::umask(old_umask);
+  EXPECT_EQ(mode_of(dir), 0700u) << dir;
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    EXPECT_EQ(mode_of(e.path().string()), 0600u) << e.path();
+    ++files;
+  }
+  EXPECT_EQ(files, 6u);  // model, optimizer, ema, state, config, manifest
+}
+
+// A failed fsync of the directory after write_state_dict's rename is an error naming the directory.
+TEST(Checkpoint, DirectoryFsyncFailureIsReported) {
+  TempDir tmp;
+  const std::string path = tmp.path() + "/final.pt";
+  g_fail_dir_fsync = true;
+  try {
+    keel::models::write_state_dict(small(1).model, path);
+    ADD_FAILURE() << "a failed directory fsync must be reported";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr(tmp.path()));
+    EXPECT_THAT(e.what(), HasSubstr("fsync"));
+  }
+  try {
+    ckpt::save(tmp.path() + "/checkpoints", small(2));
+    ADD_FAILURE() << "a failed directory fsync must be reported";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("fsync"));
+  }
+  g_fail_dir_fsync = false;
+}
+
+// A crash between the two renames of a re-saved step (the old copy moved aside to step-N.old, the new
+// one complete in its temporary directory, not yet renamed) leaves step N findable and loadable, and
+// pruning does not remove that only copy.
+TEST(Checkpoint, CrashBetweenRenamesKeepsTheStep) {
+  TempDir tmp;
+  const std::string root = tmp.path() + "/checkpoints";
+  ckpt::save(root, small(2));
+  const std::string d5 = ckpt::save(root, small(5));
+  // What a kill between the renames leaves (the same names as the store's own save).
+  fs::rename(d5, d5 + ".old");
+  ckpt::save(root + "/scratch", small(5));
+  fs::rename(root + "/scratch/step-00000005", d5 + ".tmp");
+  fs::remove_all(root + "/scratch");
+
+  auto latest = ckpt::find_latest_valid(root);
+  ASSERT_TRUE(latest) << "no checkpoint found";
+  EXPECT_EQ(ckpt::load(*latest).step, 5);
+  ckpt::prune(root, 1);
+  latest = ckpt::find_latest_valid(root);
+  ASSERT_TRUE(latest) << "pruning removed the only copy of step 5";
+  EXPECT_EQ(ckpt::load(*latest).step, 5);
+}
+
+// save() of a step that already exists calls its hook between the two renames (the kill test's point);
+// a crash there (the hook throws) still leaves a valid step, and the next save of it cleans up.
+TEST(Checkpoint, ResaveHookBetweenRenamesAndRecovery) {
+  TempDir tmp;
+  const std::string root = tmp.path() + "/checkpoints";
+  const std::string d5 = ckpt::save(root, small(5));
+  bool between = false;
+  try {
+    ckpt::save(root, small(5), [&](const std::string& path) {
+      if (path == d5 + ".old") {
+        between = true;
+        EXPECT_FALSE(fs::exists(d5));
+        throw std::runtime_error("killed between the renames");
+      }
+    });
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("killed between the renames"));
+  }
+  ASSERT_TRUE(between) << "save() never called its hook between the two renames";
+  auto latest = ckpt::find_latest_valid(root);
+  ASSERT_TRUE(latest);
+  EXPECT_EQ(ckpt::load(*latest).step, 5);
+  auto c = small(5);
+  c.state["again"] = true;
+  EXPECT_EQ(ckpt::save(root, c), d5);
+  ckpt::prune(root, 1);
+  EXPECT_EQ(ckpt::find_latest_valid(root), d5);
+  EXPECT_EQ(ckpt::load(d5).state, c.state);
+  std::set<std::string> left;
+  for (const auto& e : fs::directory_iterator(root)) left.insert(e.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{"step-00000005"}));
 }

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -101,6 +102,15 @@ void expect_complete_log(const std::string& run_dir) {
   EXPECT_EQ(l.epochs, (std::vector<int64_t>{1, 2})) << "every epoch exactly once";
 }
 
+// The temporary directories of `step_name`'s writes under `dir` (step-N.tmp, or step-N.tmp.XXXXXX).
+std::vector<std::string> tmp_dirs(const std::string& dir, const std::string& step_name) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().filename().string().rfind(step_name + ".tmp", 0) == 0) out.push_back(e.path().string());
+  }
+  return out;
+}
+
 std::set<std::string> entries(const std::string& dir) {
   std::set<std::string> s;
   for (const auto& e : fs::directory_iterator(dir)) s.insert(e.path().filename().string());
@@ -125,9 +135,10 @@ TEST(Kill, SigkillAtFourPointsThenResumeIsBitIdentical) {
   // 3. Inside the checkpoint write of step 15: model.pt is in step-00000015.tmp/, no manifest, no rename.
   out = kill_at(resume_args(dir, "b", {"debug.pause.step=15", "debug.pause.where=\"checkpoint_write\""}));
   EXPECT_THAT(out, HasSubstr("resumed from " + b + "/checkpoints/step-00000010 (step 10, epoch 2, batch 0"));
-  const std::string tmp = b + "/checkpoints/step-00000015.tmp";
-  ASSERT_TRUE(fs::exists(tmp + "/model.pt")) << "the kill must land inside the write";
-  EXPECT_FALSE(fs::exists(tmp + "/manifest.json"));
+  const std::vector<std::string> tmps = tmp_dirs(b + "/checkpoints", "step-00000015");
+  ASSERT_EQ(tmps.size(), 1u) << "one temporary directory of the step-15 write";
+  ASSERT_TRUE(fs::exists(tmps[0] + "/model.pt")) << "the kill must land inside the write";
+  EXPECT_FALSE(fs::exists(tmps[0] + "/manifest.json"));
   EXPECT_FALSE(fs::exists(b + "/checkpoints/step-00000015"));
 
   out = complete(resume_args(dir, "b"));
@@ -137,7 +148,7 @@ TEST(Kill, SigkillAtFourPointsThenResumeIsBitIdentical) {
   expect_complete_log(b);
   // keep_last = 1 plus the best epoch-end checkpoint; the torn .tmp is gone.
   const std::set<std::string> left = entries(b + "/checkpoints");
-  EXPECT_EQ(left.count("step-00000015.tmp"), 0u);
+  EXPECT_TRUE(tmp_dirs(b + "/checkpoints", "step-00000015").empty());
   EXPECT_EQ(left.count("step-00000020"), 1u);
   EXPECT_EQ(left, entries(dir + "/a/checkpoints")) << "same checkpoints kept as the uninterrupted run";
 
@@ -153,4 +164,34 @@ TEST(Kill, SigkillAtFourPointsThenResumeIsBitIdentical) {
   EXPECT_THAT(out, HasSubstr("resumed from " + dir + "/c/checkpoints/step-000000"));
   expect_bit_identical(dir + "/a/checkpoints/final.pt", dir + "/c/checkpoints/final.pt");
   expect_complete_log(dir + "/c");
+}
+
+// 5. Between the two renames of a re-saved step: a run stopped after step 13 (checkpoints 10 and 12) is
+// resumed from step 10 by name, so that it writes step 12 again, and is killed after the existing step-12
+// was moved aside to step-00000012.old and before the new one took its name. --resume auto then finds
+// step 12 (the moved-aside copy) and the run ends bit-identical to the uninterrupted one.
+TEST(Kill, SigkillBetweenTheRenamesOfAResavedStepKeepsThatStep) {
+  const std::string dir = keel::test::fresh_dir("kill-rename");
+  complete(train_args(dir, "a"));
+  const std::string d = dir + "/d", ck = d + "/checkpoints";
+  kill_at(train_args(dir, "d", {"debug.pause.step=13", "debug.pause.where=\"step\""}));
+  ASSERT_TRUE(fs::exists(ck + "/step-00000010"));
+  ASSERT_TRUE(fs::exists(ck + "/step-00000012"));
+
+  auto args = train_args(dir, "d", {"debug.pause.step=12", "debug.pause.where=\"checkpoint_rename\""});
+  args.push_back("--resume");
+  args.push_back(ck + "/step-00000010");
+  std::string out = kill_at(args);
+  EXPECT_THAT(out, HasSubstr("resumed from " + ck + "/step-00000010"));
+  EXPECT_FALSE(fs::exists(ck + "/step-00000012")) << "the kill must land between the renames";
+  EXPECT_TRUE(fs::exists(ck + "/step-00000012.old/manifest.json"));
+  const std::vector<std::string> tmps = tmp_dirs(ck, "step-00000012");
+  ASSERT_EQ(tmps.size(), 1u);
+  EXPECT_TRUE(fs::exists(tmps[0] + "/manifest.json")) << "the new copy is complete, only not renamed";
+
+  out = complete(resume_args(dir, "d"));
+  EXPECT_THAT(out, HasSubstr("resumed from " + ck + "/step-00000012"));
+  expect_bit_identical(dir + "/a/checkpoints/final.pt", ck + "/final.pt");
+  expect_complete_log(d);
+  EXPECT_EQ(entries(ck), entries(dir + "/a/checkpoints")) << "same checkpoints kept as the uninterrupted run";
 }

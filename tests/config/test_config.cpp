@@ -218,3 +218,37 @@ TEST(Config, MicroBatchAcceptsAutoInFilesAndOverrides) {
   EXPECT_THAT(error_of([] { keel::config::parse("", "t.toml", {"train.batch_size=96", "train.micro_batch=64"}); }),
               HasSubstr("must divide train.batch_size"));
 }
+
+// run.name names one directory under run.dir: a path ("/abs", "a/b") or "."/".." would write elsewhere.
+TEST(Config, RunNameMustBeOnePathComponent) {
+  for (const std::string name : {"/abs", "../..", "..", ".", "a/b", "x/"}) {
+    std::string msg = error_of([&] { keel::config::parse("[run]\n\nname = \"" + name + "\"\n", "cfg.toml"); });
+    EXPECT_THAT(msg, HasSubstr("cfg.toml:3")) << name;
+    EXPECT_THAT(msg, HasSubstr("'run.name'")) << name;
+    EXPECT_THAT(msg, HasSubstr("a single directory name")) << name;
+  }
+  std::string msg = error_of([] { keel::config::parse("", "cfg.toml", {"run.name=../escape"}); });
+  EXPECT_THAT(msg, HasSubstr("--set run.name=../escape"));
+  EXPECT_THAT(msg, HasSubstr("'run.name'"));
+  // Ordinary names, dots inside included, are fine.
+  for (const std::string name : {"resnet20-fmnist", "a.b", "..x", "run_1"}) {
+    EXPECT_EQ(keel::config::parse("[run]\nname = \"" + name + "\"\n", "cfg.toml").run.name, name);
+  }
+}
+
+// checkpoint.file_mode: an octal mode of read/write bits that keeps the owner's read and write.
+TEST(Config, CheckpointFileModeIsValidatedOctal) {
+  EXPECT_EQ(keel::config::parse("", "cfg.toml").checkpoint.file_mode, "0600");
+  EXPECT_EQ(keel::config::parse("", "cfg.toml").checkpoint.file_mode_bits(), 0600);
+  Config c = keel::config::parse("[checkpoint]\nfile_mode = \"0640\"\n", "cfg.toml");
+  EXPECT_EQ(c.checkpoint.file_mode_bits(), 0640);
+  EXPECT_EQ(keel::config::parse("", "cfg.toml", {"checkpoint.file_mode=0644"}).checkpoint.file_mode_bits(), 0644);
+  for (const std::string bad : {"0999", "600x", "", "0200", "0400", "0755", "04600", "1777", "0o600"}) {
+    std::string msg = error_of([&] { keel::config::parse("[checkpoint]\n\nfile_mode = \"" + bad + "\"\n", "cfg.toml"); });
+    EXPECT_THAT(msg, HasSubstr("cfg.toml:3")) << bad;
+    EXPECT_THAT(msg, HasSubstr("'checkpoint.file_mode'")) << bad;
+    EXPECT_THAT(msg, HasSubstr("octal")) << bad;
+  }
+  std::string msg = error_of([] { keel::config::parse("[checkpoint]\nfile_mode = 600\n", "cfg.toml"); });
+  EXPECT_THAT(msg, HasSubstr("'checkpoint.file_mode' expects string, got integer"));
+}

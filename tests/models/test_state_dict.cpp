@@ -381,3 +381,25 @@ TEST_P(TorchvisionGolden, LogitsMatchTorchvision) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Resnets, TorchvisionGolden, ::testing::Values("resnet18", "resnet50"));
+
+// write_state_dict writes through a fresh, uniquely named temporary file (O_EXCL): a symlink planted
+// at the old fixed name `<path>.tmp` does not redirect the write, and the result is the owner's alone.
+TEST(StateDict, WriteIgnoresAPlantedTmpSymlinkAndIsOwnerOnly) {
+  TempDir dir("symlink");
+  const std::string victim = dir / "victim.txt";
+  std::ofstream(victim) << "precious";
+  const std::string out = dir / "final.pt";
+  fs::create_symlink(victim, out + ".tmp");
+  StateDict sd = {{"w", torch::arange(6, torch::kFloat).reshape({2, 3})}};
+  keel::models::write_state_dict(sd, out);
+  std::ifstream in(victim);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "precious") << "the write followed the planted symlink";
+  EXPECT_FALSE(fs::is_symlink(out));
+  EXPECT_TRUE(torch::equal(find(keel::models::read_state_dict(out), "w"), sd[0].second));
+  EXPECT_EQ(static_cast<unsigned>(fs::status(out).permissions()) & 0777u, 0600u);
+  for (const auto& e : fs::directory_iterator(dir.path)) {  // no temporary left behind
+    const std::string name = e.path().filename().string();
+    EXPECT_TRUE(name == "victim.txt" || name == "final.pt" || name == "final.pt.tmp") << name;
+  }
+}

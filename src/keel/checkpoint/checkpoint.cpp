@@ -3,6 +3,7 @@
 #include "keel/checkpoint/checkpoint.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -10,6 +11,7 @@
 #include <cctype>
 #include <cstdio>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -22,13 +24,13 @@
 #include <ATen/Context.h>
 #include <ATen/core/Generator.h>
 #include <ATen/detail/CUDAHooksInterface.h>
+#include <caffe2/serialize/inline_container.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
-#include <torch/serialize/input-archive.h>
-#include <torch/serialize/output-archive.h>
 #include <toml++/toml.h>
 
+#include "keel/compat/torch_compat.h"
 #include "keel/util/fs.h"
 
 namespace keel::checkpoint {
@@ -51,6 +53,80 @@ void fsync_dir(const std::string& dir) {
   int err = errno;
   ::close(fd);
   if (rc != 0) throw std::runtime_error(dir + ": fsync failed: " + std::strerror(err));
+}
+
+std::string octal(unsigned mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", mode);
+  return buf;
+}
+
+// The directory mode that goes with a file mode: search (x) wherever read is allowed.
+unsigned dir_mode_for(unsigned file_mode) { return file_mode | ((file_mode & 0444u) >> 2); }
+
+// Creates `path`, which must not exist (O_EXCL; O_NOFOLLOW: a planted symlink is refused, never
+// followed), with exactly `mode`, writes `bytes` and fsyncs. Throws naming the path.
+void write_new_file(const std::string& path, const std::string& bytes, unsigned mode) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) throw std::runtime_error(path + ": cannot create: " + std::strerror(errno));
+  auto fail = [&](const std::string& what) {
+    const std::string err = std::strerror(errno);
+    ::close(fd);
+    throw std::runtime_error(path + ": " + what + " failed: " + err);
+  };
+  if (::fchmod(fd, mode) != 0) fail("setting mode " + octal(mode));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      fail("write");
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) fail("fsync");
+  if (::close(fd) != 0) throw std::runtime_error(path + ": close failed: " + std::strerror(errno));
+}
+
+// Renames `from` to `to` and fsyncs `to`'s parent directory; throws naming both.
+void durable_rename_dir(const std::string& from, const std::string& to, const std::string& parent) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    throw std::runtime_error(to + ": rename from " + from + " failed: " + std::strerror(errno));
+  }
+  fsync_dir(parent);
+}
+
+// The step of a checkpoint directory: step-XXXXXXXX, or step-XXXXXXXX.old (the copy a re-save moved
+// aside); nullopt for anything else.
+std::optional<int64_t> step_of_checkpoint_path(const std::string& path) {
+  if (auto step = step_of_dir_name(path)) return step;
+  std::string name = fs::path(path).filename().string();
+  if (name.empty()) name = fs::path(path).parent_path().filename().string();
+  if (name.size() > 4 && name.compare(name.size() - 4, 4, ".old") == 0) {
+    return step_of_dir_name(name.substr(0, name.size() - 4));
+  }
+  return std::nullopt;
+}
+
+// The step of a temporary directory of a write: step-XXXXXXXX.tmp (older keel) or step-XXXXXXXX.tmp.*.
+std::optional<int64_t> step_of_tmp_name(const std::string& name) {
+  const size_t pos = name.find(".tmp");
+  if (pos == std::string::npos) return std::nullopt;
+  if (pos + 4 != name.size() && name[pos + 4] != '.') return std::nullopt;
+  return step_of_dir_name(name.substr(0, pos));
+}
+
+// Whether `bytes` are a TorchScript archive (torch::serialize / torch.jit.save: a zip with
+// constants.pkl). Only the zip directory is read; nothing in it is unpickled.
+bool is_torchscript_archive(const std::string& bytes) {
+  try {
+    std::istringstream in(bytes, std::ios::binary);
+    caffe2::serialize::PyTorchStreamReader reader(&in);
+    return reader.hasRecord("constants.pkl");
+  } catch (const c10::Error&) {
+    return false;
+  }
 }
 
 // The whole file as bytes; throws naming the path.
@@ -123,7 +199,7 @@ std::string check(const std::string& dir, json* manifest_out) {
     if (!m.contains(key) || !m[key].is_number_integer()) return mpath + ": no integer " + key;
   }
   if (!m.contains("model_name") || !m["model_name"].is_string()) return mpath + ": no model_name string";
-  if (auto dir_step = step_of_dir_name(dir)) {
+  if (auto dir_step = step_of_checkpoint_path(dir)) {
     if (m["step"].get<int64_t>() != *dir_step) {
       return mpath + ": step " + m["step"].dump() + " does not match the directory name (expected " +
              std::to_string(*dir_step) + ")";
@@ -174,19 +250,23 @@ std::string check(const std::string& dir, json* manifest_out) {
   return "";
 }
 
-// Final step-* directories under `dir`, sorted by step, oldest first.
+// Checkpoint directories under `dir`, sorted by step, oldest first: every final step-* directory,
+// and step-*.old for a step that has no final directory (a re-save killed between its two renames).
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& dir) {
-  std::vector<std::pair<int64_t, std::string>> out;
+  std::map<int64_t, std::string> finals, olds;
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) return out;
+  if (!fs::is_directory(dir, ec)) return {};
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     if (!entry.is_directory(ec)) continue;
-    if (auto step = step_of_dir_name(entry.path().filename().string())) {
-      out.emplace_back(*step, entry.path().string());
+    const std::string name = entry.path().filename().string();
+    if (auto step = step_of_dir_name(name)) {
+      finals[*step] = entry.path().string();
+    } else if (auto old_step = step_of_checkpoint_path(name)) {
+      olds[*old_step] = entry.path().string();
     }
   }
-  std::sort(out.begin(), out.end());
-  return out;
+  for (const auto& [step, path] : olds) finals.emplace(step, path);  // only where no final one exists
+  return {finals.begin(), finals.end()};
 }
 
 // Deletes a directory tree by first renaming it to <name>.trash, so that a crash mid-delete leaves
@@ -257,7 +337,13 @@ uint32_t file_crc32(const std::string& path) {
 
 // ---------------------------------------------------------------- save / verify / load
 
-std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file) {
+std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file,
+                 unsigned file_mode) {
+  if ((file_mode & ~0777u) != 0 || (file_mode & 0600u) != 0600u || (file_mode & 0111u) != 0) {
+    throw std::runtime_error("checkpoint file mode " + octal(file_mode) +
+                             " is not allowed (expected read/write permission bits that include the owner's, "
+                             "e.g. 0600 or 0640)");
+  }
   for (const auto& [name, sd] : c.extra) check_extra_name(name);
   std::error_code ec;
   const bool existed = fs::is_directory(checkpoints_dir, ec);
@@ -266,33 +352,39 @@ std::string save(const std::string& checkpoints_dir, const CheckpointContents& c
     std::string parent = fs::path(checkpoints_dir).parent_path().string();
     fsync_dir(parent.empty() ? "." : parent);
   }
-  const std::string final_dir = checkpoints_dir + "/" + dir_name_for_step(c.step);
-  const std::string tmp_dir = final_dir + ".tmp";
-  fs::remove_all(tmp_dir, ec);
-  if (ec) throw std::runtime_error(tmp_dir + ": cannot remove a stale partial checkpoint: " + ec.message());
-  util::make_dirs(tmp_dir);
+  const std::string step_name = dir_name_for_step(c.step);
+  const std::string final_dir = checkpoints_dir + "/" + step_name;
+  // Temporary directories of killed writes of this step (one writer per run: none is in progress).
+  std::vector<fs::path> stale;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(step_name + ".tmp", 0) == 0 && step_of_tmp_name(name) == c.step) stale.push_back(entry.path());
+  }
+  for (const auto& path : stale) {
+    fs::remove_all(path, ec);
+    if (ec) throw std::runtime_error(path.string() + ": cannot remove a stale partial checkpoint: " + ec.message());
+  }
+  // A fresh, uniquely named directory (mkdtemp: mode 0700, never an existing name or a symlink).
+  std::string tmp_dir = final_dir + ".tmp.XXXXXX";
+  if (::mkdtemp(tmp_dir.data()) == nullptr) {
+    throw std::runtime_error(tmp_dir + ": cannot create the temporary checkpoint directory: " + std::strerror(errno));
+  }
 
   std::vector<std::string> names;
-  auto done = [&](const std::string& name) {
+  auto put = [&](const std::string& name, const std::string& bytes) {
+    write_new_file(tmp_dir + "/" + name, bytes, file_mode);
     names.push_back(name);
     if (after_file) after_file(tmp_dir + "/" + name);
   };
-  models::write_state_dict(c.model, tmp_dir + "/" + kModel);
-  done(kModel);
-  if (!c.optimizer_bytes.empty()) {
-    util::atomic_write_file(tmp_dir + "/" + kOptimizer, c.optimizer_bytes);
-    done(kOptimizer);
-  }
+  put(kModel, models::state_dict_bytes(c.model, tmp_dir + "/" + kModel));
+  if (c.optimizer) put(kOptimizer, models::state_dict_bytes(*c.optimizer, tmp_dir + "/" + kOptimizer));
   json extra_names = json::array();
   for (const auto& [name, sd] : c.extra) {
-    models::write_state_dict(sd, tmp_dir + "/" + name + ".pt");
     extra_names.push_back(name);
-    done(name + ".pt");
+    put(name + ".pt", models::state_dict_bytes(sd, tmp_dir + "/" + name + ".pt"));
   }
-  util::atomic_write_file(tmp_dir + "/" + kState, c.state.dump(1) + "\n");
-  done(kState);
-  util::atomic_write_file(tmp_dir + "/" + kConfig, c.config_toml);
-  done(kConfig);
+  put(kState, c.state.dump(1) + "\n");
+  put(kConfig, c.config_toml);
 
   json files = json::object();
   for (const auto& name : names) {
@@ -308,20 +400,29 @@ std::string save(const std::string& checkpoints_dir, const CheckpointContents& c
                    {"checksum", "crc32 (zlib), lowercase hex"},
                    {"extra", extra_names},
                    {"files", files}};
-  util::atomic_write_file(tmp_dir + "/" + kManifest, manifest.dump(1) + "\n");
+  write_new_file(tmp_dir + "/" + kManifest, manifest.dump(1) + "\n", file_mode);
   if (after_file) after_file(tmp_dir + "/" + kManifest);
-
-  // An existing checkpoint of this step (e.g. a corrupt one a resume fell back past) is moved
-  // aside so the rename can take its name; it is deleted once the new one is durable.
-  std::string old_dir;
-  if (fs::exists(final_dir, ec)) {
-    old_dir = final_dir + ".old";
-    fs::remove_all(old_dir, ec);
-    fs::rename(final_dir, old_dir, ec);
-    if (ec) throw std::runtime_error(final_dir + ": cannot move the existing checkpoint aside: " + ec.message());
+  if (::chmod(tmp_dir.c_str(), dir_mode_for(file_mode)) != 0) {
+    throw std::runtime_error(tmp_dir + ": setting mode " + octal(dir_mode_for(file_mode)) + " failed: " +
+                             std::strerror(errno));
   }
-  util::durable_rename(tmp_dir, final_dir);  // fsyncs tmp_dir, renames, fsyncs checkpoints_dir
-  if (!old_dir.empty()) fs::remove_all(old_dir, ec);
+  fsync_dir(tmp_dir);
+
+  // An existing checkpoint of this step (e.g. a corrupt one a resume fell back past) is moved aside
+  // so the rename can take its name, and deleted once the new one is durable. Between the two
+  // renames, list_checkpoints() takes the .old directory for this step: one copy exists at every
+  // instant. An .old without a final directory is such a copy already: it stays until the new one is in.
+  const std::string old_dir = final_dir + ".old";
+  if (fs::exists(fs::symlink_status(final_dir, ec))) {
+    fs::remove_all(old_dir, ec);  // a leftover: the final directory exists
+    if (ec) throw std::runtime_error(old_dir + ": cannot remove a leftover: " + ec.message());
+    durable_rename_dir(final_dir, old_dir, checkpoints_dir);
+    if (after_file) after_file(old_dir);
+  }
+  durable_rename_dir(tmp_dir, final_dir, checkpoints_dir);
+  if (fs::exists(fs::symlink_status(old_dir, ec))) {
+    fs::remove_all(old_dir, ec);  // on failure prune() removes it later (its final directory exists)
+  }
   return final_dir;
 }
 
@@ -341,9 +442,13 @@ CheckpointContents load(const std::string& checkpoint_dir) {
   c.step = m["step"].get<int64_t>();
   c.epoch = m["epoch"].get<int64_t>();
   c.model_name = m["model_name"].get<std::string>();
+  c.dir = checkpoint_dir;
   const json& files = m["files"];
   c.model = models::read_state_dict(checkpoint_dir + "/" + kModel);
-  if (files.contains(kOptimizer)) c.optimizer_bytes = read_file(checkpoint_dir + "/" + kOptimizer);
+  if (files.contains(kOptimizer)) {
+    const std::string path = checkpoint_dir + "/" + kOptimizer;
+    c.optimizer = read_optimizer_bytes(read_file(path), path);
+  }
   if (m.contains("extra")) {
     for (const auto& e : m["extra"]) {
       const std::string name = e.get<std::string>();
@@ -388,7 +493,10 @@ std::vector<std::string> prune(const std::string& checkpoints_dir, int64_t keep_
     const std::string& path = all[i].second;
     const std::string name = fs::path(path).filename().string();
     const bool in_last = keep_last <= 0 || i + static_cast<size_t>(keep_last) >= n;
-    if (in_last || kept.count(path) || keep.count(name) || keep.count(path)) continue;
+    if (in_last || kept.count(path) || keep.count(name) || keep.count(path) ||
+        keep.count(dir_name_for_step(all[i].first))) {
+      continue;
+    }
     remove_dir(path);
     removed.push_back(path);
   }
@@ -402,11 +510,16 @@ std::vector<std::string> prune(const std::string& checkpoints_dir, int64_t keep_
       return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
     };
     if (name.compare(0, 5, "step-") != 0) continue;
-    if (ends_with(".trash") || ends_with(".old")) {
+    if (ends_with(".trash")) {
       leftovers.push_back(entry.path().string());
-    } else if (ends_with(".tmp")) {
-      auto step = step_of_dir_name(name.substr(0, name.size() - 4));
-      if (step && *step <= newest) leftovers.push_back(entry.path().string());
+    } else if (ends_with(".old")) {
+      // A leftover once its final directory exists; otherwise it is the step's only copy (listed above).
+      auto step = step_of_checkpoint_path(name);
+      if (!step || fs::exists(fs::symlink_status(checkpoints_dir + "/" + dir_name_for_step(*step), ec))) {
+        leftovers.push_back(entry.path().string());
+      }
+    } else if (auto step = step_of_tmp_name(name)) {
+      if (*step <= newest) leftovers.push_back(entry.path().string());
     }
   }
   for (const auto& path : leftovers) {
@@ -476,30 +589,203 @@ std::string compatibility_problem(const CheckpointContents& ckpt, const std::str
 
 // ---------------------------------------------------------------- optimizer
 
-std::string optimizer_to_bytes(const torch::optim::Optimizer& opt) {
-  torch::serialize::OutputArchive archive;
-  opt.save(archive);
-  std::ostringstream out(std::ios::binary);
-  archive.save_to(out);
-  return out.str();
+namespace {
+
+enum class OptimizerKind { kSgd, kAdam, kAdamW };
+
+// The optimizer's kind, from its param groups' options (all groups of one optimizer share a type).
+OptimizerKind optimizer_kind(const torch::optim::Optimizer& opt) {
+  if (opt.param_groups().empty()) throw std::runtime_error("optimizer state: the optimizer has no param groups");
+  const torch::optim::OptimizerOptions& o = opt.param_groups().front().options();
+  if (dynamic_cast<const torch::optim::SGDOptions*>(&o)) return OptimizerKind::kSgd;
+  if (dynamic_cast<const torch::optim::AdamWOptions*>(&o)) return OptimizerKind::kAdamW;
+  if (dynamic_cast<const torch::optim::AdamOptions*>(&o)) return OptimizerKind::kAdam;
+  throw std::runtime_error("optimizer state: the optimizer is not supported for checkpoints (expected SGD, Adam or AdamW)");
 }
 
-void optimizer_from_bytes(torch::optim::Optimizer& opt, const std::string& bytes) {
-  try {
-    // The state goes onto the parameters' device (a checkpoint written on CPU resumes on CUDA).
-    c10::optional<at::Device> device;  // c10::optional: 1.13's load_from takes it (std::optional in 2.x)
-    for (const auto& g : opt.param_groups()) {
-      if (!g.params().empty()) {
-        device = g.params().front().device();
-        break;
+at::Tensor int_scalar(int64_t v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kLong)); }
+
+std::string tensor_text(const at::Tensor& t) {
+  std::ostringstream ss;
+  ss << c10::toString(t.scalar_type()) << t.sizes();
+  return ss.str();
+}
+
+// Adam and AdamW keep the same fields in different classes.
+template <class State>
+void add_adam_like(models::StateDict& sd, const std::string& prefix, const torch::optim::OptimizerParamState& st) {
+  const auto* s = dynamic_cast<const State*>(&st);
+  if (!s) throw std::runtime_error("optimizer state: " + prefix + " is not of the optimizer's state type");
+  sd.emplace_back(prefix + "step", int_scalar(s->step()));
+  sd.emplace_back(prefix + "exp_avg", s->exp_avg());
+  sd.emplace_back(prefix + "exp_avg_sq", s->exp_avg_sq());
+  if (s->max_exp_avg_sq().defined()) sd.emplace_back(prefix + "max_exp_avg_sq", s->max_exp_avg_sq());
+}
+
+// Parses a decimal index without leading zeros ("12"); nullopt for anything else.
+std::optional<size_t> parse_index(const std::string& s) {
+  if (s.empty() || s.size() > 9 || (s.size() > 1 && s[0] == '0')) return std::nullopt;
+  size_t v = 0;
+  for (char ch : s) {
+    if (ch < '0' || ch > '9') return std::nullopt;
+    v = v * 10 + static_cast<size_t>(ch - '0');
+  }
+  return v;
+}
+
+std::vector<std::string> split_dots(const std::string& s) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (true) {
+    const size_t dot = s.find('.', start);
+    parts.push_back(s.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+    if (dot == std::string::npos) return parts;
+    start = dot + 1;
+  }
+}
+
+}  // namespace
+
+models::StateDict optimizer_state(const torch::optim::Optimizer& opt) {
+  const OptimizerKind kind = optimizer_kind(opt);
+  models::StateDict sd;
+  sd.emplace_back("format", int_scalar(1));
+  const auto& groups = opt.param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    sd.emplace_back("group." + std::to_string(g) + ".params", int_scalar(static_cast<int64_t>(groups[g].params().size())));
+  }
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& params = groups[g].params();
+    for (size_t i = 0; i < params.size(); ++i) {
+      auto it = opt.state().find(compat::optimizer_state_key(params[i]));
+      if (it == opt.state().end()) continue;  // no state yet (e.g. a parameter that never had a gradient)
+      const std::string prefix = "state." + std::to_string(g) + "." + std::to_string(i) + ".";
+      if (kind == OptimizerKind::kSgd) {
+        const auto* s = dynamic_cast<const torch::optim::SGDParamState*>(it->second.get());
+        if (!s) throw std::runtime_error("optimizer state: " + prefix + " is not SGD state");
+        if (s->momentum_buffer().defined()) sd.emplace_back(prefix + "momentum_buffer", s->momentum_buffer());
+      } else if (kind == OptimizerKind::kAdam) {
+        add_adam_like<torch::optim::AdamParamState>(sd, prefix, *it->second);
+      } else {
+        add_adam_like<torch::optim::AdamWParamState>(sd, prefix, *it->second);
       }
     }
-    torch::serialize::InputArchive archive;
-    archive.load_from(bytes.data(), bytes.size(), device);
-    opt.load(archive);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(std::string("optimizer state does not fit this optimizer: ") + e.what_without_backtrace());
   }
+  return sd;
+}
+
+void load_optimizer_state(torch::optim::Optimizer& opt, const models::StateDict& state, const std::string& where) {
+  auto bad = [&](const std::string& what) -> void { throw std::runtime_error(where + ": " + what); };
+  const OptimizerKind kind = optimizer_kind(opt);
+  auto& groups = opt.param_groups();
+  auto int_value = [&](const std::string& name, const at::Tensor& t) {
+    if (t.scalar_type() != at::kLong || t.numel() != 1) {
+      bad("'" + name + "' is a " + tensor_text(t) + " tensor; expected one int64");
+    }
+    return t.item<int64_t>();
+  };
+  bool format_seen = false;
+  std::map<size_t, int64_t> counts;
+  std::map<std::pair<size_t, size_t>, std::map<std::string, at::Tensor>> fields;
+  for (const auto& [name, t] : state) {
+    const std::vector<std::string> parts = split_dots(name);
+    if (name == "format") {
+      const int64_t v = int_value(name, t);
+      if (v != 1) bad("format " + std::to_string(v) + " is not supported (expected 1)");
+      format_seen = true;
+    } else if (parts.size() == 3 && parts[0] == "group" && parse_index(parts[1]) && parts[2] == "params") {
+      counts[*parse_index(parts[1])] = int_value(name, t);
+    } else if (parts.size() == 4 && parts[0] == "state" && parse_index(parts[1]) && parse_index(parts[2])) {
+      fields[{*parse_index(parts[1]), *parse_index(parts[2])}][parts[3]] = t;
+    } else {
+      bad("unexpected entry '" + name + "' (expected format, group.<g>.params or state.<g>.<i>.<field>)");
+    }
+  }
+  if (!format_seen) bad("no 'format' entry (expected the optimizer state keel writes)");
+  auto layout = [](const std::vector<int64_t>& sizes) {
+    std::string s = std::to_string(sizes.size()) + " param groups of [";
+    for (size_t k = 0; k < sizes.size(); ++k) s += (k ? ", " : "") + std::to_string(sizes[k]);
+    return s + "] parameters";
+  };
+  std::vector<int64_t> have, stored;
+  for (const auto& g : groups) have.push_back(static_cast<int64_t>(g.params().size()));
+  for (size_t g = 0; g < counts.size(); ++g) {
+    if (!counts.count(g)) bad("group entries are not numbered 0..n-1");
+    stored.push_back(counts.at(g));
+  }
+  if (stored != have) {
+    bad("the checkpoint's optimizer has " + layout(stored) + ", this optimizer " + layout(have) +
+        " (expected the same model and parameter grouping)");
+  }
+
+  // Everything is checked and copied before the optimizer's state is touched.
+  std::vector<std::pair<compat::OptimizerStateKey, std::unique_ptr<torch::optim::OptimizerParamState>>> loaded;
+  for (auto& [index, f] : fields) {
+    const size_t g = index.first, i = index.second;
+    if (g >= groups.size() || i >= groups[g].params().size()) {
+      bad("state of parameter " + std::to_string(i) + " of group " + std::to_string(g) + ", which does not exist");
+    }
+    const at::Tensor& p = groups[g].params()[i];
+    const std::string prefix = "state." + std::to_string(g) + "." + std::to_string(i) + ".";
+    std::set<std::string> known;
+    auto buffer = [&](const char* field, bool required) -> at::Tensor {
+      known.insert(field);
+      auto it = f.find(field);
+      if (it == f.end()) {
+        if (required) bad("'" + prefix + field + "' is missing");
+        return {};
+      }
+      const at::Tensor& t = it->second;
+      if (t.scalar_type() != p.scalar_type() || t.sizes() != p.sizes()) {
+        bad("'" + prefix + field + "' is a " + tensor_text(t) + " tensor; expected its parameter's " + tensor_text(p));
+      }
+      return t.to(p.device(), t.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    };
+    std::unique_ptr<torch::optim::OptimizerParamState> st;
+    if (kind == OptimizerKind::kSgd) {
+      auto s = std::make_unique<torch::optim::SGDParamState>();
+      s->momentum_buffer(buffer("momentum_buffer", true));
+      st = std::move(s);
+    } else {
+      known.insert("step");
+      auto step_it = f.find("step");
+      if (step_it == f.end()) bad("'" + prefix + "step' is missing");
+      const int64_t step = int_value(prefix + "step", step_it->second);
+      if (step < 1) bad("'" + prefix + "step' is " + std::to_string(step) + "; expected >= 1");
+      const torch::optim::OptimizerOptions& o = groups[g].options();
+      const bool amsgrad = kind == OptimizerKind::kAdam ? static_cast<const torch::optim::AdamOptions&>(o).amsgrad()
+                                                        : static_cast<const torch::optim::AdamWOptions&>(o).amsgrad();
+      at::Tensor m1 = buffer("exp_avg", true), m2 = buffer("exp_avg_sq", true), mx = buffer("max_exp_avg_sq", amsgrad);
+      if (kind == OptimizerKind::kAdam) {
+        auto s = std::make_unique<torch::optim::AdamParamState>();
+        s->step(step).exp_avg(m1).exp_avg_sq(m2).max_exp_avg_sq(mx);
+        st = std::move(s);
+      } else {
+        auto s = std::make_unique<torch::optim::AdamWParamState>();
+        s->step(step).exp_avg(m1).exp_avg_sq(m2).max_exp_avg_sq(mx);
+        st = std::move(s);
+      }
+    }
+    for (const auto& [field, t] : f) {
+      if (!known.count(field)) bad("unexpected field '" + prefix + field + "' for this optimizer");
+    }
+    loaded.emplace_back(compat::optimizer_state_key(p), std::move(st));
+  }
+  for (const auto& g : groups) {
+    for (const auto& p : g.params()) opt.state().erase(compat::optimizer_state_key(p));
+  }
+  for (auto& [key, st] : loaded) opt.state()[key] = std::move(st);
+}
+
+models::StateDict read_optimizer_bytes(const std::string& bytes, const std::string& name) {
+  if (is_torchscript_archive(bytes)) {
+    throw std::runtime_error(
+        name + ": a TorchScript archive (LibTorch's torch::serialize format, in which keel wrote optimizer.pt "
+        "before), which keel no longer loads: loading one runs TorchScript's unpickler and any code in the "
+        "archive. This checkpoint cannot be resumed; to keep its weights, start a new run with model.weights "
+        "set to its model.pt (the optimizer state then starts afresh)");
+  }
+  return models::read_state_dict_bytes(bytes, name);
 }
 
 json param_group_options(const torch::optim::Optimizer& opt) {
@@ -573,17 +859,19 @@ void restore_param_group_options(torch::optim::Optimizer& opt, const json& group
 }
 
 void capture_optimizer(CheckpointContents& c, const torch::optim::Optimizer& opt) {
-  c.optimizer_bytes = optimizer_to_bytes(opt);
+  c.optimizer = optimizer_state(opt);
   c.state["optimizer_param_groups"] = param_group_options(opt);
 }
 
 void restore_optimizer(const CheckpointContents& c, torch::optim::Optimizer& opt) {
-  if (c.optimizer_bytes.empty()) throw std::runtime_error("checkpoint has no optimizer.pt (expected optimizer state)");
+  const std::string where = c.dir.empty() ? std::string("optimizer state") : c.dir + "/" + kOptimizer;
+  if (!c.optimizer) throw std::runtime_error("checkpoint has no optimizer.pt (expected optimizer state)");
   if (!c.state.is_object() || !c.state.contains("optimizer_param_groups")) {
     throw std::runtime_error("checkpoint state.json has no optimizer_param_groups (expected param-group options)");
   }
-  optimizer_from_bytes(opt, c.optimizer_bytes);
+  // Options first: the state check needs each group's amsgrad as the checkpoint had it.
   restore_param_group_options(opt, c.state["optimizer_param_groups"]);
+  load_optimizer_state(opt, *c.optimizer, where);
 }
 
 // ---------------------------------------------------------------- RNG

@@ -4,16 +4,21 @@
 //
 // Layout of one checkpoint, <checkpoints_dir>/step-<8+ digit step>/:
 //   model.pt        weights (models::write_state_dict; Python's torch.load reads it)
-//   optimizer.pt    torch::serialize archive of Optimizer::save (optional)
+//   optimizer.pt    per-parameter optimizer state as a torch.save() dict of tensors (optimizer_state();
+//                   read with keel's restricted reader, never LibTorch's TorchScript loader) (optional)
 //   <name>.pt       extra state dicts given by the caller (e.g. ema.pt, best.pt)
 //   state.json      the caller's JSON (counters, scaler, schedule, guard, RNG, param-group options)
 //   config.toml     resolved config text
 //   manifest.json   written last: format_version, step, epoch, model_name, created, and per file
 //                   its size and zlib CRC-32
-// The directory is written as step-XXXXXXXX.tmp/ (every file fsynced), the directory is fsynced,
-// renamed to its final name and the parent directory fsynced: a reader sees a complete checkpoint
-// or none. A manifest names exactly the files it covers, so a checkpoint without a manifest (or
-// with a wrong one) is never taken for a valid one.
+// The directory is written as a fresh step-XXXXXXXX.tmp.XXXXXX/ (mkdtemp: a unique name, nothing planted
+// is reused; files created O_EXCL|O_NOFOLLOW with exactly the save's file mode, 0600 by default, each
+// fsynced), given its directory mode, fsynced, renamed to its final name and the parent directory
+// fsynced: a reader sees a complete checkpoint or none. A manifest names exactly the files it covers,
+// so a checkpoint without a manifest (or with a wrong one) is never taken for a valid one.
+// Re-saving an existing step moves the old copy aside to step-XXXXXXXX.old/ first; a reader takes that
+// .old directory for step XXXXXXXX while no final one exists, so a crash between the two renames still
+// leaves one copy of the step to resume from.
 //
 // Checksum choice: zlib's crc32 (already linked; ~GB/s) guards against truncation, torn writes and
 // bit rot, which is what a checkpoint store meets. It is not a defence against deliberate
@@ -37,16 +42,20 @@ namespace keel::checkpoint {
 // The manifest format version this code writes and the only one it reads.
 constexpr int kFormatVersion = 1;
 
+// Permission bits of checkpoint files unless the caller says otherwise (config: checkpoint.file_mode).
+constexpr unsigned kDefaultFileMode = 0600;
+
 // Everything one checkpoint holds.
 struct CheckpointContents {
   models::StateDict model;                         // model.pt
-  std::string optimizer_bytes;                     // optimizer.pt; empty = no optimizer file
+  std::optional<models::StateDict> optimizer;      // optimizer.pt (optimizer_state()); nullopt = no file
   std::map<std::string, models::StateDict> extra;  // "<name>.pt"; names: [A-Za-z0-9_-]+, not model/optimizer
   nlohmann::json state = nlohmann::json::object(); // state.json
   std::string config_toml;                         // config.toml (resolved config)
   int64_t step = 0;                                // optimizer steps done
   int64_t epoch = 0;                               // epochs done (or current epoch, as the caller defines)
   std::string model_name;                          // registry name, e.g. "resnet20"
+  std::string dir;                                 // set by load(): the directory read (for messages)
 };
 
 // Result of verify(): ok, or the problem found (naming the file and what was expected).
@@ -64,13 +73,18 @@ std::string dir_name_for_step(int64_t step);
 std::optional<int64_t> step_of_dir_name(const std::string& name_or_path);
 
 // Writes `c` as <checkpoints_dir>/step-XXXXXXXX/ atomically (see top) and returns that path.
-// Creates checkpoints_dir if needed. A stale step-XXXXXXXX.tmp/ from a killed write is removed
-// first; an existing checkpoint of the same step is replaced (moved aside, then deleted after the
-// new one is in place). Throws std::runtime_error naming the path on any failure.
+// Creates checkpoints_dir if needed. Stale step-XXXXXXXX.tmp*/ directories of killed writes of this
+// step are removed first; an existing checkpoint of the same step is replaced (moved aside to
+// step-XXXXXXXX.old/, then deleted after the new one is in place). Files get exactly `file_mode`
+// (read/write bits that include the owner's 0600; the umask does not apply), directories the same
+// with search (x) wherever read is allowed (0600 -> 0700, 0640 -> 0750). Throws std::runtime_error
+// naming the path on any failure, a failed fsync included.
 // after_file (optional) is called with each file's path once it is complete inside the temporary
-// directory (manifest.json last, before the rename): fault injection for kill tests.
+// directory (manifest.json last, before the rename), and, when an existing step is replaced, with
+// the moved-aside "<final dir>.old" between the two renames: fault injection for kill tests.
 using FileHook = std::function<void(const std::string& path)>;
-std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file = {});
+std::string save(const std::string& checkpoints_dir, const CheckpointContents& c, const FileHook& after_file = {},
+                 unsigned file_mode = kDefaultFileMode);
 
 // Checks a checkpoint directory: manifest.json present and parseable, format version known,
 // step/epoch/model_name present, the step equals the directory's, and every listed file present
@@ -81,15 +95,17 @@ Verified verify(const std::string& checkpoint_dir);
 CheckpointContents load(const std::string& checkpoint_dir);
 
 // The newest checkpoint under checkpoints_dir that verifies: final step-* directories (never
-// .tmp), newest step first. Each invalid one passed over adds "<dir>: <problem>" to *skipped (if
+// .tmp), and a step-*.old directory for a step without a final one (a crash between the renames of
+// a re-save), newest step first. Each invalid one passed over adds "<dir>: <problem>" to *skipped (if
 // given). nullopt when the directory is missing or holds no valid checkpoint.
 std::optional<std::string> find_latest_valid(const std::string& checkpoints_dir,
                                              std::vector<std::string>* skipped = nullptr);
 
-// Removes old checkpoints: keeps the `keep_last` newest final step-* directories (keep_last <= 0
-// keeps all), every directory whose name (or path) is in `keep` (e.g. the best one), and always the
-// newest valid checkpoint even when newer ones are corrupt. Also removes leftovers of interrupted
-// writes and prunes (*.tmp for steps at or below the newest final checkpoint, *.old, *.trash).
+// Removes old checkpoints: keeps the `keep_last` newest step checkpoints (as find_latest_valid
+// lists them; keep_last <= 0 keeps all), every one whose name (or path, or canonical step-XXXXXXXX
+// name) is in `keep` (e.g. the best one), and always the newest valid checkpoint even when newer ones
+// are corrupt. Also removes leftovers of interrupted writes and prunes (*.tmp and *.tmp.* for steps
+// at or below the newest checkpoint, *.old whose final directory exists, *.trash).
 // Call it from the thread that saves, after save() returns (it would take an in-progress .tmp of
 // an older step for a leftover). Returns the paths removed.
 std::vector<std::string> prune(const std::string& checkpoints_dir, int64_t keep_last,
@@ -107,13 +123,27 @@ std::string compatibility_problem(const CheckpointContents& ckpt, const std::str
 
 // ---- optimizer ----
 
-// Optimizer::save as bytes (torch::serialize archive). Holds per-parameter state (momentum
-// buffers, Adam moments, step counts), not param-group options: see param_group_options().
-std::string optimizer_to_bytes(const torch::optim::Optimizer& opt);
+// The per-parameter state of an SGD, Adam or AdamW optimizer (momentum buffers; Adam's step count,
+// moments and amsgrad maximum) as named tensors, for optimizer.pt:
+//   "format"                     int64 scalar, 1
+//   "group.<g>.params"           int64 scalar: parameters in param group g
+//   "state.<g>.<i>.<field>"      parameter i of group g: momentum_buffer (SGD); step (int64 scalar),
+//                                exp_avg, exp_avg_sq, max_exp_avg_sq (Adam, AdamW)
+// Holds no param-group options: see param_group_options(). Throws for other optimizers.
+models::StateDict optimizer_state(const torch::optim::Optimizer& opt);
 
-// Optimizer::load from optimizer_to_bytes() output. The optimizer must have the same parameter
-// groups with the same numbers of parameters. Throws std::runtime_error saying what differed.
-void optimizer_from_bytes(torch::optim::Optimizer& opt, const std::string& bytes);
+// Replaces the optimizer's per-parameter state with optimizer_state() output, each tensor copied to
+// its parameter's device. Everything is checked first (the optimizer is unchanged on error): the
+// format, the group and parameter counts, known fields only, each buffer of its parameter's shape and
+// dtype, a step count >= 1, max_exp_avg_sq present where the group's amsgrad is on. Throws
+// std::runtime_error starting with `where` (e.g. the file) saying what differed.
+void load_optimizer_state(torch::optim::Optimizer& opt, const models::StateDict& state, const std::string& where);
+
+// Reads an optimizer.pt held in memory with keel's restricted torch.save reader
+// (models::read_state_dict_bytes); `name` names it in messages. A TorchScript archive (LibTorch's
+// torch::serialize format, which keel wrote for optimizer.pt before) is refused with an error naming
+// the file, without being loaded: loading one runs TorchScript's unpickler and the code in it.
+models::StateDict read_optimizer_bytes(const std::string& bytes, const std::string& name);
 
 // Every param group's options as JSON ([{"type":"sgd","lr":..,"momentum":..,...}, ...]), since
 // LibTorch 1.13's Optimizer::load does not restore them. Supports SGD, Adam and AdamW options;
@@ -124,10 +154,10 @@ nlohmann::json param_group_options(const torch::optim::Optimizer& opt);
 // when the group count or an options type differs, or a field is missing.
 void restore_param_group_options(torch::optim::Optimizer& opt, const nlohmann::json& groups);
 
-// Fills c.optimizer_bytes and c.state["optimizer_param_groups"] from `opt`.
+// Fills c.optimizer and c.state["optimizer_param_groups"] from `opt`.
 void capture_optimizer(CheckpointContents& c, const torch::optim::Optimizer& opt);
 
-// Restores `opt` from what capture_optimizer() stored (state and options). Throws if absent.
+// Restores `opt` from what capture_optimizer() stored (options, then state). Throws if absent.
 void restore_optimizer(const CheckpointContents& c, torch::optim::Optimizer& opt);
 
 // ---- RNG ----

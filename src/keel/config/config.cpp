@@ -122,6 +122,19 @@ std::string choices_text(const std::vector<std::string>& c) {
   return s;
 }
 
+// "0600" / "640" -> the bits; -1 unless 3 or 4 octal digits (a 4-digit one starting with 0) of
+// read/write bits only that include the owner's read and write.
+int parse_file_mode(const std::string& s) {
+  if (s.size() < 3 || s.size() > 4 || (s.size() == 4 && s[0] != '0')) return -1;
+  int v = 0;
+  for (char ch : s) {
+    if (ch < '0' || ch > '7') return -1;
+    v = v * 8 + (ch - '0');
+  }
+  if ((v & 0111) != 0 || (v & 0600) != 0600) return -1;
+  return v;
+}
+
 const std::vector<Field>& schema() {
   static const std::vector<Field> fields = [] {
     using C = Config;
@@ -130,7 +143,13 @@ const std::vector<Field>& schema() {
     auto nonempty = [](const std::string& s) { return s.empty() ? "a non-empty string" : ""; };
     // run
     f.push_back(make_field<C::Run, std::string>("run.name", &C::run, &C::Run::name,
-        "Run directory name: outputs go to `<run.dir>/<run.name>/`.", "non-empty", nonempty));
+        "Run directory name: outputs go to `<run.dir>/<run.name>/`. One path component: no `/`, not `.` or `..` "
+        "(a path would write outside run.dir).", "a single directory name",
+        [](const std::string& s) -> std::string {
+          if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || s.find('\0') != std::string::npos)
+            return "a single directory name (non-empty, no '/', not '.' or '..'): outputs go to <run.dir>/<run.name>/";
+          return "";
+        }));
     f.push_back(make_field<C::Run, std::string>("run.dir", &C::run, &C::Run::dir,
         "Parent directory of run directories.", "non-empty", nonempty));
     f.push_back(make_field<C::Run, int64_t>("run.seed", &C::run, &C::Run::seed,
@@ -531,12 +550,14 @@ const std::vector<Field>& schema() {
         "waits (up to 10 minutes, then exits with an error) to be killed from outside; where is "
         "`debug.pause.where`. Written `pause = {step = 7, where = \"step\"}` under [debug] (0 = off).", ">= 0",
         int_at_least(0)));
-    const std::vector<std::string> pause_points = {"step", "epoch_end", "checkpoint_write"};
+    const std::vector<std::string> pause_points = {"step", "epoch_end", "checkpoint_write", "checkpoint_rename"};
     f.push_back(make_field<C::Debug, std::string>("debug.pause.where", &C::debug, &C::Debug::pause_where,
         "Where `debug.pause.step` holds: `step` (after the step, its logging and any checkpoint due), "
         "`epoch_end` (after the epoch that ends at that step has been evaluated, logged and checkpointed), "
         "`checkpoint_write` (inside the checkpoint write of that step, after model.pt is in the temporary "
-        "directory and before the manifest and the rename).", choices_text(pause_points), one_of(pause_points)));
+        "directory and before the manifest and the rename), `checkpoint_rename` (when that step's checkpoint "
+        "already exists and is being replaced: after the old one was moved aside to `step-N.old/`, before the "
+        "new one takes its name).", choices_text(pause_points), one_of(pause_points)));
     // checkpoint
     f.push_back(make_field<C::Checkpoint, bool>("checkpoint.save_final", &C::checkpoint,
         &C::Checkpoint::save_final,
@@ -566,6 +587,18 @@ const std::vector<Field>& schema() {
         &C::Checkpoint::keep_best_mode,
         "Whether lower or higher `keep_best` is better; auto = max for accuracies, min for losses. A tie keeps "
         "the earlier checkpoint.", choices_text(modes), one_of(modes)));
+    f.push_back(make_field<C::Checkpoint, std::string>("checkpoint.file_mode", &C::checkpoint,
+        &C::Checkpoint::file_mode,
+        "Permission bits, in octal, of every file keel writes into a checkpoint directory (and of "
+        "`checkpoints/final.pt`), set exactly (the umask does not apply); checkpoint directories get the same "
+        "bits with search (x) wherever read is allowed (0600 -> 0700, 0640 -> 0750). The default keeps "
+        "checkpoints to their owner; \"0640\" shares them with the group.",
+        "octal read/write bits including 0600",
+        [](const std::string& s) -> std::string {
+          return parse_file_mode(s) < 0 ? "an octal file mode of read/write bits that includes the owner's (0600), "
+                                          "as a string: \"0600\", \"0640\", \"0644\" or \"0660\""
+                                        : "";
+        }));
     // dist
     const std::vector<std::string> backends = {"auto", "gloo", "nccl"};
     f.push_back(make_field<C::Dist, std::string>("dist.backend", &C::dist, &C::Dist::backend,
@@ -833,6 +866,12 @@ void validate(const Config& c, const std::string& file) {
 }
 
 }  // namespace
+
+unsigned Config::Checkpoint::file_mode_bits() const {
+  const int v = parse_file_mode(file_mode);
+  if (v < 0) throw ConfigError("key 'checkpoint.file_mode' = \"" + file_mode + "\" is not an octal file mode");
+  return static_cast<unsigned>(v);
+}
 
 std::string Origin::str() const {
   if (!set_arg.empty()) return "--set " + set_arg;

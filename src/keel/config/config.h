@@ -160,6 +160,9 @@ struct Config {
     int64_t keep_last = 3;
     std::string keep_best;              // "" (off) | test_loss | test_top1 | train_loss
     std::string keep_best_mode = "auto";  // auto | min | max
+    std::string file_mode = "0600";       // octal permission bits of checkpoint files
+    // file_mode as bits (0600 -> 384); the schema has validated it.
+    unsigned file_mode_bits() const;
   } checkpoint;
   struct Dist {                      // data-parallel training (src/keel/dist; docs/distributed.md)
     std::string backend = "auto";    // auto (nccl on CUDA, gloo on CPU) | gloo | nccl

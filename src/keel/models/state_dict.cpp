@@ -9,10 +9,13 @@
 #include <torch/utils.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -547,49 +550,64 @@ StateDict read_state_dict_bytes(const std::string& bytes, const std::string& nam
   return read_archive_checked(name, *reader);
 }
 
-void write_state_dict(const StateDict& sd, const std::string& path) {
+std::string state_dict_bytes(const StateDict& sd, const std::string& name) {
   c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& [name, t] : sd) {
-    if (!t.defined()) throw std::runtime_error("write_state_dict: " + path + ": tensor '" + name + "' is undefined");
-    if (dict.contains(name)) throw std::runtime_error("write_state_dict: " + path + ": duplicate key '" + name + "'");
-    dict.insert(name, t.detach().cpu());
+  for (const auto& [key, t] : sd) {
+    if (!t.defined()) throw std::runtime_error("write_state_dict: " + name + ": tensor '" + key + "' is undefined");
+    if (dict.contains(key)) throw std::runtime_error("write_state_dict: " + name + ": duplicate key '" + key + "'");
+    dict.insert(key, t.detach().cpu());
   }
   std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  return std::string(bytes.begin(), bytes.end());
+}
 
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw std::runtime_error("write_state_dict: cannot create " + tmp + ": " + errno_text());
+void write_state_dict(const StateDict& sd, const std::string& path, unsigned mode) {
+  const std::string bytes = state_dict_bytes(sd, path);
+  // A unique temporary name: mkostemp creates it with O_EXCL, so nothing planted is followed or reused.
+  std::string tmp = path + ".tmp.XXXXXX";
+  int fd = ::mkostemp(tmp.data(), O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("write_state_dict: cannot create a temporary file " + tmp + ": " + errno_text());
+  auto fail = [&](const std::string& what) {
+    const std::string err = errno_text();
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error("write_state_dict: " + what + ": " + err);
+  };
+  if (::fchmod(fd, mode) != 0) {
+    char octal[16];
+    std::snprintf(octal, sizeof octal, "%04o", mode);
+    fail("setting mode " + std::string(octal) + " on " + tmp);
+  }
   size_t done = 0;
   while (done < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      std::string err = errno_text();
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw std::runtime_error("write_state_dict: writing " + tmp + " failed after " + std::to_string(done) + " of " +
-                               std::to_string(bytes.size()) + " bytes: " + err);
+      if (n == 0) errno = EIO;
+      fail("writing " + tmp + " failed after " + std::to_string(done) + " of " + std::to_string(bytes.size()) + " bytes");
     }
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    std::string err = errno_text();
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("write_state_dict: flushing " + tmp + " failed: " + err);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::string err = errno_text();
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("write_state_dict: renaming " + tmp + " to " + path + " failed: " + err);
-  }
-  // Make the rename itself durable.
+  if (::fsync(fd) != 0) fail("flushing " + tmp + " (fsync) failed");
+  const int rc = ::close(fd);
+  fd = -1;
+  if (rc != 0) fail("closing " + tmp + " failed");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail("renaming " + tmp + " to " + path + " failed");
+  // Make the rename itself durable; a failure here means the new file may not survive a crash.
   auto slash = path.find_last_of('/');
-  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
+  if (dfd < 0) {
+    throw std::runtime_error("write_state_dict: " + path + ": cannot open directory " + dir +
+                             " to fsync the rename: " + errno_text());
   }
+  if (::fsync(dfd) != 0) {
+    const std::string err = errno_text();
+    ::close(dfd);
+    throw std::runtime_error("write_state_dict: " + path + ": fsync of directory " + dir +
+                             " failed (the rename may not survive a crash): " + err);
+  }
+  ::close(dfd);
 }
 
 StateDict state_dict_of(const torch::nn::Module& m) {

@@ -21,9 +21,16 @@ StateDict read_state_dict(const std::string& path);
 // (the checkpoint fuzz target, fuzz/fuzz_checkpoint.cpp, feeds it).
 StateDict read_state_dict_bytes(const std::string& bytes, const std::string& name);
 
+// The bytes of `sd` as the torch.save() zip write_state_dict() writes (a plain dict of contiguous
+// CPU tensors); `name` stands for the file in messages (an undefined tensor, a duplicate key).
+std::string state_dict_bytes(const StateDict& sd, const std::string& name);
+
 // Writes `sd` as a plain dict of CPU tensors that Python's torch.load() and read_state_dict()
-// read. Atomic: writes `path + ".tmp"`, fsyncs, then renames over `path`.
-void write_state_dict(const StateDict& sd, const std::string& path);
+// read. Atomic and durable: the bytes go to a fresh, uniquely named `path + ".tmp.XXXXXX"` (created
+// with O_EXCL, so a file or symlink planted at any name is never written through), which gets exactly
+// `mode` (the umask does not apply), is fsynced and renamed over `path`; then the directory is fsynced.
+// Any failure, a failed fsync of the directory included, throws std::runtime_error naming the path.
+void write_state_dict(const StateDict& sd, const std::string& path, unsigned mode = 0600);
 
 // The module's parameters and buffers in torchvision's state_dict() order and naming
 // ("layer1.0.conv1.weight", "bn1.running_mean", "bn1.num_batches_tracked"), detached.

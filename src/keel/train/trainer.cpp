@@ -734,7 +734,8 @@ FitResult Trainer::fit(const std::string& resume) {
       if (path.size() >= 9 && path.compare(path.size() - 9, 9, "/model.pt") == 0) {
         debug_pause(cfg_, "checkpoint_write", step);
       }
-    });
+      if (path.size() >= 4 && path.compare(path.size() - 4, 4, ".old") == 0) debug_pause(cfg_, "checkpoint_rename", step);
+    }, cfg_.checkpoint.file_mode_bits());
     std::set<std::string> keep;
     if (!best_ckpt.is_null()) keep.insert(best_ckpt.at("dir").get<std::string>());
     checkpoint::prune(ckpt_dir, cfg_.checkpoint.keep_last, keep);
@@ -1081,7 +1082,7 @@ FitResult Trainer::fit(const std::string& resume) {
     const std::string dir = ckpt_dir;
     util::make_dirs(dir);
     res.checkpoint = dir + "/final.pt";
-    models::write_state_dict(models::state_dict_of(*model_), res.checkpoint);
+    models::write_state_dict(models::state_dict_of(*model_), res.checkpoint, cfg_.checkpoint.file_mode_bits());
     util::atomic_write_file(dir + "/final.toml", config::to_toml(cfg_));
   }
   res.wall_seconds = since(t_fit);
