@@ -5,7 +5,8 @@
 # then on the GPU machine, from the checkout:  bash scripts/gpu/check.sh
 # It unpacks the .debs under /opt/kdeps (never into /), builds keel against the machine's own LibTorch (that of
 # its python3's torch) with KEEL_CUDA=ON, and runs, each time-boxed, in this order:
-#   1. the CUDA unit tests (tests/device: pinned uploads, caching-allocator statistics, fp16 step + loss scaler);
+#   1. the CUDA unit tests (tests/device: pinned uploads, a pinned tensor and a pinned loader buffer reused at
+#      once after their uploads, caching-allocator statistics, fp16 step + loss scaler);
 #   2. the default recipe (ResNet-20, Fashion-MNIST) trained on the GPU in fp16 with the loss scaler;
 #   3. the ViT-Tiny Fashion-MNIST recipe (configs/vit_tiny_fashion_mnist.toml), its test accuracy;
 #   4. `keel bench step` ResNet-50 fp32/bf16/fp16 against PyTorch Python eager (bench/peer_step.py --device cuda),
