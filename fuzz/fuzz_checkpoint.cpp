@@ -7,20 +7,32 @@
 //                                             on a real checkpoint directory written at start-up
 //   3  a state.json document               -> checkpoint::restore_rng_state and
 //                                             restore_param_group_options (SGD and Adam optimizers)
+//   4  an optimizer.pt file                -> checkpoint::read_optimizer_bytes (keel's restricted reader;
+//                                             a TorchScript archive is refused unread), load_optimizer_state
+//                                             into SGD (momentum) and Adam (amsgrad), then one step of each
+//   5  any file of a checkpoint directory  -> the next byte picks one of the real checkpoint's files (every
+//                                             file save() writes: model.pt, optimizer.pt, ema.pt, state.json,
+//                                             config.toml, manifest.json); the rest replaces it, the manifest
+//                                             is resealed (size, CRC-32) so verify() passes, then load(),
+//                                             restore_optimizer, compatibility_problem (the config.toml
+//                                             reader) and the state.json restorers run as a resume would
 // Any input must be read or refused with std::runtime_error; anything else (another exception, a
 // crash, a sanitizer report, a leak) is a finding.
 //
 // Seeds are real files written at start-up (not committed): with $KEEL_FUZZ_SEEDS set to a directory,
 // LLVMFuzzerInitialize writes there a keel-written model.pt and its data.pkl, a Python torch.save()
 // file (OrderedDict with _metadata, shared storage; when /usr/bin/python3 has torch), a real
-// checkpoint's manifest.json and state.json. ctest passes that directory as a corpus (CMakeLists.txt).
+// checkpoint's manifest.json and state.json, its optimizer.pt (mode 4), and every file of it (mode 5).
+// ctest passes that directory as a corpus (CMakeLists.txt).
 #include <caffe2/serialize/inline_container.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/sgd.h>
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -28,6 +40,8 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "keel/checkpoint/checkpoint.h"
 #include "keel/models/state_dict.h"
@@ -39,6 +53,7 @@ namespace {
 
 std::string g_ckpt_dir;  // a real checkpoint; mode 2 rewrites its manifest.json
 std::string g_manifest;  // the real manifest, restored after each mode-2 input
+std::vector<std::pair<std::string, std::string>> g_files;  // every file of the checkpoint: name, bytes (sorted)
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -112,6 +127,11 @@ void write_seeds(const std::string& dir) {
   }
   write_file(dir + "/manifest-json", std::string(1, '\2') + g_manifest);
   write_file(dir + "/state-json", std::string(1, '\3') + read_file(g_ckpt_dir + "/state.json"));
+  write_file(dir + "/optimizer-pt", std::string(1, '\4') + read_file(g_ckpt_dir + "/optimizer.pt"));
+  for (size_t k = 0; k < g_files.size(); ++k) {
+    write_file(dir + "/file-" + g_files[k].first, std::string(1, '\5') + std::string(1, static_cast<char>(k)) +
+                                                      g_files[k].second);
+  }
 }
 
 // A real checkpoint (model, optimizer, an extra state dict, state with RNG and param groups).
@@ -129,10 +149,16 @@ void make_checkpoint() {
   c.config_toml = "[model]\nname = \"tiny\"\n";
   at::Tensor p = at::zeros({3}, at::requires_grad());
   torch::optim::SGD opt({p}, torch::optim::SGDOptions(0.1).momentum(0.9));
+  p.mutable_grad() = at::ones({3});
+  opt.step();  // so that optimizer.pt holds a momentum buffer
   c.state["rng"] = keel::checkpoint::rng_state_json();
   keel::checkpoint::capture_optimizer(c, opt);
   g_ckpt_dir = keel::checkpoint::save(root.string(), c);
   g_manifest = read_file(g_ckpt_dir + "/manifest.json");
+  for (const auto& e : fs::directory_iterator(g_ckpt_dir)) {
+    g_files.emplace_back(e.path().filename().string(), read_file(e.path().string()));
+  }
+  std::sort(g_files.begin(), g_files.end());
   std::atexit([] {
     std::error_code ec;
     fs::remove_all(fs::path(g_ckpt_dir).parent_path(), ec);
@@ -159,6 +185,71 @@ void read_json_state(const std::string& text) {
   }
 }
 
+// The optimizers modes 4 and 5 restore into: one parameter of 3 elements, as in make_checkpoint().
+struct Optimizers {
+  at::Tensor p = at::zeros({3}, at::requires_grad());
+  torch::optim::SGD sgd{std::vector<at::Tensor>{p}, torch::optim::SGDOptions(0.1).momentum(0.9)};
+  torch::optim::Adam adam{std::vector<at::Tensor>{p}, torch::optim::AdamOptions(0.1).amsgrad(true)};
+};
+
+// One step with a gradient: a loaded state that passed the checks must not break the optimizer.
+void step(torch::optim::Optimizer& opt, const at::Tensor& p) {
+  p.mutable_grad() = at::ones({3});
+  opt.step();
+}
+
+void read_optimizer(const std::string& bytes) {
+  StateDict sd;
+  try {
+    sd = keel::checkpoint::read_optimizer_bytes(bytes, "fuzz/optimizer.pt");
+  } catch (const std::runtime_error&) {
+    return;
+  }
+  Optimizers o;
+  for (torch::optim::Optimizer* opt : {static_cast<torch::optim::Optimizer*>(&o.sgd),
+                                       static_cast<torch::optim::Optimizer*>(&o.adam)}) {
+    try {
+      keel::checkpoint::load_optimizer_state(*opt, sd, "fuzz/optimizer.pt");
+    } catch (const std::runtime_error&) {
+      continue;
+    }
+    step(*opt, o.p);
+  }
+}
+
+// Mode 5: `bytes` replace file `index` of the real checkpoint; the manifest is resealed unless it is
+// the file replaced; then everything a resume reads is read. The real files are put back afterwards.
+void read_checkpoint_file(size_t index, const std::string& bytes) {
+  const std::string name = g_files[index % g_files.size()].first;
+  write_file(g_ckpt_dir + "/" + name, bytes);
+  if (name != "manifest.json") {
+    nlohmann::json m = nlohmann::json::parse(g_manifest);
+    char crc[9];
+    std::snprintf(crc, sizeof crc, "%08x", keel::checkpoint::file_crc32(g_ckpt_dir + "/" + name));
+    m["files"][name] = {{"size", bytes.size()}, {"crc32", crc}};
+    write_file(g_ckpt_dir + "/manifest.json", m.dump(1));
+  }
+  if (keel::checkpoint::verify(g_ckpt_dir).ok) {
+    try {
+      keel::checkpoint::CheckpointContents c = keel::checkpoint::load(g_ckpt_dir);
+      for (const auto& [key, t] : c.model) (void)t.sum();
+      for (const auto& [extra, sd] : c.extra)
+        for (const auto& [key, t] : sd) (void)t.sum();
+      (void)keel::checkpoint::compatibility_problem(c, "tiny", tiny_state_dict(), "[model]\nname = \"tiny\"\n",
+                                                    {"model.name", "model.num_classes"});
+      Optimizers o;
+      try {
+        keel::checkpoint::restore_optimizer(c, o.sgd);
+        step(o.sgd, o.p);
+      } catch (const std::runtime_error&) {
+      }
+      read_json_state(c.state.dump());
+    } catch (const std::runtime_error&) {
+    }
+  }
+  for (const auto& [n, b] : g_files) write_file(g_ckpt_dir + "/" + n, b);
+}
+
 }  // namespace
 
 // LibTorch's PyTorchStreamReader leaks the miniz reader state (~800 bytes) when its constructor throws on a
@@ -179,11 +270,11 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   const std::string rest(reinterpret_cast<const char*>(data) + 1, size - 1);
-  switch (data[0] % 4) {
+  switch (data[0] % 6) {
     case 0:
     case 1:
       try {
-        StateDict sd = keel::models::read_state_dict_bytes(data[0] % 4 == 0 ? rest : wrap_pickle(rest), "fuzz.pt");
+        StateDict sd = keel::models::read_state_dict_bytes(data[0] % 6 == 0 ? rest : wrap_pickle(rest), "fuzz.pt");
         for (const auto& [name, t] : sd) (void)t.sum();  // touch every element of every view
       } catch (const std::runtime_error&) {
       }
@@ -200,6 +291,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 3:
       read_json_state(rest);
+      break;
+    case 4:
+      read_optimizer(rest);
+      break;
+    case 5:
+      if (!rest.empty()) read_checkpoint_file(static_cast<uint8_t>(rest[0]), rest.substr(1));
       break;
   }
   return 0;

@@ -720,8 +720,9 @@ void load_optimizer_state(torch::optim::Optimizer& opt, const models::StateDict&
 
   // Everything is checked and copied before the optimizer's state is touched.
   std::vector<std::pair<compat::OptimizerStateKey, std::unique_ptr<torch::optim::OptimizerParamState>>> loaded;
-  for (auto& [index, f] : fields) {
-    const size_t g = index.first, i = index.second;
+  for (const auto& entry : fields) {  // not a structured binding: C++17 lambdas cannot capture one
+    const size_t g = entry.first.first, i = entry.first.second;
+    const std::map<std::string, at::Tensor>& f = entry.second;
     if (g >= groups.size() || i >= groups[g].params().size()) {
       bad("state of parameter " + std::to_string(i) + " of group " + std::to_string(g) + ", which does not exist");
     }
