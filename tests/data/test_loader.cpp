@@ -216,7 +216,7 @@ TEST(Loader, WorkerErrorReachesNextWithSampleDescription) {
     auto ds = std::make_shared<FakeDataset>(100, /*throw_at=*/37, /*sleep_us=*/10);
     SamplerOptions in_order;
     in_order.shuffle = false;
-    Loader loader(ds, LoaderOptions().batch_size(10).workers(workers).sampler(in_order));
+    Loader loader(ds, LoaderOptions().batch_size(10).workers(workers).sampler(in_order).on_error(OnError::kFail));
     run_bounded(
         [&] {
           loader.start_epoch(0);

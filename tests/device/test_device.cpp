@@ -15,7 +15,7 @@
 #include "keel/models/registry.h"
 #include "keel/train/optimizer.h"
 #include "keel/train/step.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 using namespace keel;
 using testing::HasSubstr;
@@ -60,7 +60,7 @@ TEST(Device, ConfigRejectsABadDeviceAndTheTrainerABadGpu) {
   EXPECT_THROW(config::load(KEEL_SOURCE_DIR "/configs/default.toml", {"run.device=tpu"}), config::ConfigError);
   const config::Config c = config::load(KEEL_SOURCE_DIR "/configs/default.toml", {"run.device=cuda:7"});
   try {
-    train::make_model(c);
+    run::make_model(c);
     if (device::cuda_device_count() < 8) ADD_FAILURE() << "expected a ConfigError for cuda:7";
   } catch (const config::ConfigError& e) {
     EXPECT_THAT(std::string(e.what()), HasSubstr("run.device = \"cuda:7\""));
@@ -118,7 +118,7 @@ TEST(Autocast, GuardSetsAndRestoresPerDeviceType) {
 TEST(Autocast, Fp16OnCpuIsRefusedWithTheReason) {
   auto m = models::create({"resnet20", 1, 10});
   try {
-    train::forward_logits(*m, at::randn({2, 1, 28, 28}), "fp16");
+    train::forward_logits(*m, at::randn({2, 1, 28, 28}), train::Precision::kFp16);
     ADD_FAILURE() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_THAT(e.what_without_backtrace(), HasSubstr("needs a CUDA device"));
@@ -239,7 +239,7 @@ TEST(Cuda, Fp16StepWithLossScalerTrains) {
   oo.lr = 0.05;
   auto opt = train::make_optimizer(*m, oo);
   train::StepOptions so;
-  so.precision = "fp16";
+  so.precision = train::Precision::kFp16;
   so.scaler.enabled = true;
   train::StepRunner r(*m, *opt, so, [](int64_t) { return 0.05; });
   const auto cuda = at::TensorOptions().device(at::kCUDA, 0);

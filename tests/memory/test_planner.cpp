@@ -15,7 +15,7 @@
 #include "keel/memory/cpu_allocator.h"
 #include "keel/models/registry.h"
 #include "keel/train/planner.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace mem = keel::memory;
 namespace tr = keel::train;
@@ -37,10 +37,10 @@ struct RunnerSetup {
   std::unique_ptr<torch::optim::Optimizer> opt;
   std::unique_ptr<tr::StepRunner> runner;
   RunnerSetup(const keel::config::Config& cfg, bool recovery) {
-    model = tr::make_model(cfg);
-    if (cfg.train.channels_last) tr::model_to_channels_last(*model);
-    opt = tr::make_optimizer(*model, tr::optimizer_options(cfg));
-    tr::StepOptions so = tr::step_options(cfg);
+    model = keel::run::make_model(cfg);
+    if (cfg.train.channels_last) keel::run::model_to_channels_last(*model);
+    opt = tr::make_optimizer(*model, keel::run::optimizer_options(cfg));
+    tr::StepOptions so = keel::run::step_options(cfg);
     so.oom_recovery = recovery;
     runner = std::make_unique<tr::StepRunner>(*model, *opt, so, [](int64_t) { return 0.01; });
   }
@@ -90,7 +90,7 @@ TEST(Planner, ChosenMicroBatchTrainsUnderTheBudgetAndOneDoublingDoesNot) {
   tr::PlanResult plan;
   {
     RunnerSetup s(cfg, false);
-    plan = tr::plan_for_config(cfg, *s.model, *s.opt, {1, 28, 28});
+    plan = keel::run::plan_for_config(cfg, *s.model, *s.opt, {1, 28, 28});
   }
   std::cout << plan.summary();
   ASSERT_GT(plan.micro_batch, 1);
@@ -113,7 +113,7 @@ TEST(Planner, NothingFitsIsAClearError) {
   keel::config::Config cfg = small(dir, "p", {"memory.budget=\"3MiB\""});
   RunnerSetup s(cfg, false);
   try {
-    tr::plan_for_config(cfg, *s.model, *s.opt, {1, 28, 28});
+    keel::run::plan_for_config(cfg, *s.model, *s.opt, {1, 28, 28});
     FAIL() << "a 3 MiB budget cannot hold a ResNet-20 step";
   } catch (const tr::PlanError& e) {
     EXPECT_THAT(e.what(), HasSubstr("memory.budget"));
@@ -129,14 +129,14 @@ TEST(Planner, AutoMicroBatchTrainsThroughABudgetAFixedBatchCannot) {
   keel::config::Config plain = small(dir, "plain", {"memory.budget=\"24MiB\"", "memory.oom_recovery=false",
                                                     "train.batch_size=128", "train.max_steps=2"});
   try {
-    tr::Trainer(plain).fit();
+    keel::run::Trainer(plain).fit();
     FAIL() << "batch 128 in 24 MiB without recovery must run out of memory";
   } catch (const c10::OutOfMemoryError& e) {
     EXPECT_THAT(e.what(), HasSubstr("memory.budget"));
   }
   keel::config::Config cfg = small(dir, "auto", {"memory.budget=\"24MiB\"", "train.micro_batch=\"auto\"",
                                                  "train.batch_size=128", "train.max_steps=2"});
-  const tr::FitResult r = tr::Trainer(cfg).fit();
+  const keel::run::FitResult r = keel::run::Trainer(cfg).fit();
   EXPECT_EQ(r.steps, 2);
   EXPECT_GT(r.micro_batch, 0);
   EXPECT_LT(r.micro_batch, 128);
@@ -158,7 +158,7 @@ TEST(OomRecovery, EvaluationOutOfMemoryNeverShrinksTheTrainingBatch) {
   keel::config::Config cfg = small(dir, "e", {"memory.budget=\"24MiB\"", "train.micro_batch=8",
                                               "train.eval_batch_size=1000", "data.test_limit=1000",
                                               "train.max_steps=2"});
-  const tr::FitResult r = tr::Trainer(cfg).fit();
+  const keel::run::FitResult r = keel::run::Trainer(cfg).fit();
   EXPECT_EQ(r.micro_batch, 8);
   EXPECT_EQ(r.oom_recoveries, 0);
   EXPECT_EQ(r.test.samples, 1000) << "every test image evaluated once";
@@ -174,7 +174,7 @@ TEST(OomRecovery, SampleAuditEverySampleOncePerEpochWithInjectedOoms) {
   // 200 samples, batch 32: 7 batches per epoch, the last one partial; OOMs injected at several steps.
   keel::config::Config cfg = small(dir, "a", {"data.train_limit=200", "train.batch_size=32", "train.epochs=2",
                                               "debug.inject_oom_steps=[2, 5, 9, 13]", "debug.log_sample_ids=true"});
-  const tr::FitResult r = tr::Trainer(cfg).fit();
+  const keel::run::FitResult r = keel::run::Trainer(cfg).fit();
   EXPECT_EQ(r.oom_recoveries, 4);
   EXPECT_EQ(r.micro_batch, 2) << "32 halved four times, kept for the rest of the run";
   std::map<int64_t, std::map<int64_t, int>> uses;  // epoch -> sample id -> times consumed

@@ -19,7 +19,7 @@
 #include "keel/config/config.h"
 #include "keel/models/state_dict.h"
 #include "keel/train/determinism.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 using testing::HasSubstr;
 namespace fs = std::filesystem;
@@ -57,7 +57,7 @@ TEST(KeepBest, BestCheckpointSurvivesPruning) {
   int protected_older = 0;
   for (const std::string mode : {"min", "max"}) {
     const std::string name = "best-" + mode;
-    keel::train::FitResult r = keel::train::Trainer(
+    keel::run::FitResult r = keel::run::Trainer(
         small(dir, name, {"train.epochs=3", "checkpoint.every_steps=4", "checkpoint.keep_last=1",
                           "checkpoint.keep_best=test_loss", "checkpoint.keep_best_mode=" + mode}))
                                    .fit();
@@ -139,13 +139,13 @@ TEST(Deterministic, ResumeKeepsTheCheckpointsThreadCount) {
     v.insert(v.end(), more.begin(), more.end());
     return v;
   };
-  keel::train::FitResult a = keel::train::Trainer(small(dir, "a", with(base, {"run.threads=1"}))).fit();
+  keel::run::FitResult a = keel::run::Trainer(small(dir, "a", with(base, {"run.threads=1"}))).fit();
   EXPECT_TRUE(keel::train::deterministic());
-  EXPECT_TRUE(keel::train::Trainer(small(dir, "b", with(base, {"run.threads=1", "debug.stop_after_steps=7"})))
+  EXPECT_TRUE(keel::run::Trainer(small(dir, "b", with(base, {"run.threads=1", "debug.stop_after_steps=7"})))
                   .fit()
                   .interrupted);
   testing::internal::CaptureStdout();
-  keel::train::FitResult b = keel::train::Trainer(small(dir, "b", with(base, {"run.threads=2"}))).fit("auto");
+  keel::run::FitResult b = keel::run::Trainer(small(dir, "b", with(base, {"run.threads=2"}))).fit("auto");
   const std::string out = testing::internal::GetCapturedStdout();
   EXPECT_THAT(out, HasSubstr("using 1 intra-op threads as the checkpoint's run did (this run would use 2)"));
   EXPECT_EQ(b.steps, 12);

@@ -14,7 +14,7 @@
 
 #include "keel/config/config.h"
 #include "keel/models/state_dict.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace {
 
@@ -43,13 +43,13 @@ std::vector<int64_t> logged_steps(const std::string& run_dir) {
 
 TEST(Resume, InterruptedRunResumesBitIdentical) {
   const std::string dir = tmp_dir("bits");
-  keel::train::FitResult a = keel::train::Trainer(small(dir, "a")).fit();
+  keel::run::FitResult a = keel::run::Trainer(small(dir, "a")).fit();
   ASSERT_EQ(a.steps, 20);
 
   // Killed after step 7 (mid-epoch, one step after the step-6 checkpoint), then resumed.
-  keel::train::FitResult b1 = keel::train::Trainer(small(dir, "b", {"debug.stop_after_steps=7"})).fit();
+  keel::run::FitResult b1 = keel::run::Trainer(small(dir, "b", {"debug.stop_after_steps=7"})).fit();
   EXPECT_TRUE(b1.interrupted);
-  keel::train::FitResult b = keel::train::Trainer(small(dir, "b")).fit("auto");
+  keel::run::FitResult b = keel::run::Trainer(small(dir, "b")).fit("auto");
   EXPECT_EQ(b.steps, 20);
 
   auto wa = keel::models::read_state_dict(a.checkpoint), wb = keel::models::read_state_dict(b.checkpoint);
@@ -68,16 +68,16 @@ TEST(Resume, InterruptedRunResumesBitIdentical) {
 
 TEST(Resume, AutoWithoutCheckpointStartsFresh) {
   const std::string dir = tmp_dir("fresh");
-  keel::train::FitResult r =
-      keel::train::Trainer(small(dir, "f", {"train.epochs=1", "checkpoint.every_steps=0"})).fit("auto");
+  keel::run::FitResult r =
+      keel::run::Trainer(small(dir, "f", {"train.epochs=1", "checkpoint.every_steps=0"})).fit("auto");
   EXPECT_EQ(r.steps, 10);
 }
 
 TEST(Resume, RefusesACheckpointOfAnotherModel) {
   const std::string dir = tmp_dir("other");
-  keel::train::Trainer(small(dir, "m", {"debug.stop_after_steps=4"})).fit();
+  keel::run::Trainer(small(dir, "m", {"debug.stop_after_steps=4"})).fit();
   try {
-    keel::train::Trainer(small(dir, "m", {"model.name=resnet32"})).fit("auto");
+    keel::run::Trainer(small(dir, "m", {"model.name=resnet32"})).fit("auto");
     FAIL() << "expected a refusal";
   } catch (const std::exception& e) {
     EXPECT_THAT(e.what(), testing::HasSubstr("cannot resume"));
@@ -98,14 +98,14 @@ TEST(Resume, ReduceOnPlateauStateSurvivesResume) {
       "schedule.plateau.threshold=100", "schedule.plateau.threshold_mode=abs", "schedule.plateau.cooldown=1",
       "schedule.plateau.factor=0.5", "optim.lr_scaling=sqrt", "optim.base_batch_size=256",
       "optim.no_decay_lr_factor=0.5"};
-  keel::train::FitResult a = keel::train::Trainer(small(dir, "a", sets)).fit();
+  keel::run::FitResult a = keel::run::Trainer(small(dir, "a", sets)).fit();
   ASSERT_EQ(a.steps, 40);
 
   // Killed in epoch 4 (after the step-33 checkpoint, which holds the plateau state of 3 epoch ends).
   std::vector<std::string> killed = sets;
   killed.push_back("debug.stop_after_steps=35");
-  EXPECT_TRUE(keel::train::Trainer(small(dir, "b", killed)).fit().interrupted);
-  keel::train::FitResult b = keel::train::Trainer(small(dir, "b", sets)).fit("auto");
+  EXPECT_TRUE(keel::run::Trainer(small(dir, "b", killed)).fit().interrupted);
+  keel::run::FitResult b = keel::run::Trainer(small(dir, "b", sets)).fit("auto");
   EXPECT_EQ(b.steps, 40);
 
   // Learning rates per step, and the resolved-lr record, from metrics.jsonl.

@@ -187,11 +187,11 @@ TEST(Guard, RollsBackAfterKSkipsAndStopsAfterRRollbacks) {
   StepResult rb = r.run(f.x, f.y);
   EXPECT_EQ(kinds(rb), "skip,rollback");
   EXPECT_THAT(messages(rb), HasSubstr("restored the state of step 2"));
-  EXPECT_DOUBLE_EQ(r.lr_scale(), 0.5);
+  EXPECT_DOUBLE_EQ(r.state().at("lr_scale").get<double>(), 0.5);
   EXPECT_TRUE(same(good, f.weights()));
   EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
   EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip,rollback");
-  EXPECT_DOUBLE_EQ(r.lr_scale(), 0.25);
+  EXPECT_DOUBLE_EQ(r.state().at("lr_scale").get<double>(), 0.25);
   EXPECT_EQ(kinds(r.run(f.x, f.y)), "skip");
   try {
     r.run(f.x, f.y);
@@ -474,7 +474,7 @@ TEST(Guard, ScalerOverflowsBackOffWithoutGuardSkipsOrRollbacks) {
   EXPECT_EQ(r.overflows(), 17);
   EXPECT_EQ(r.skipped(), 0) << "overflows are not guard skips";
   EXPECT_EQ(r.rollbacks(), 0);
-  EXPECT_DOUBLE_EQ(r.lr_scale(), 1.0);
+  EXPECT_DOUBLE_EQ(r.state().at("lr_scale").get<double>(), 1.0);
   EXPECT_DOUBLE_EQ(r.scaler().scale_value(), 65536.0 / 131072.0) << "backed off 17 times: 2^16 x 2^-17";
   EXPECT_TRUE(r.events().empty());
   StepResult next = r.run(f.x, f.y);
@@ -646,7 +646,7 @@ TEST(Clip, TheStepClipsByValueThenByTheNormOfTheClampedGradients) {
     Fixture a(11), b(11);
     std::vector<at::Tensor> raw;
     {
-      at::Tensor logits = forward_logits(*b.model, b.x, "fp32");
+      at::Tensor logits = forward_logits(*b.model, b.x, keel::train::Precision::kFp32);
       at::cross_entropy_loss(logits, b.y).backward();
       for (auto& p : b.model->parameters()) raw.push_back(p.grad().clone());
     }

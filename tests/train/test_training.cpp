@@ -18,7 +18,7 @@
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/train/optimizer.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace {
 std::string tmp_dir(const std::string& name) { return keel::test::fresh_dir(name); }
@@ -197,8 +197,8 @@ TEST(Convergence, ResNet20LearnsFashionMnistSubset) {
       "train.batch_size=32", "train.epochs=1", "optim.lr=0.1", "train.log_every=100"});
   ASSERT_TRUE(std::filesystem::exists(cfg.data.root))
       << cfg.data.root << " missing: run scripts/setup.sh (installs dataset-fashion-mnist)";
-  keel::train::Trainer t(cfg);
-  keel::train::FitResult r = t.fit();
+  keel::run::Trainer t(cfg);
+  keel::run::FitResult r = t.fit();
   EXPECT_EQ(r.steps, 200);
   EXPECT_GT(r.test.top1, 0.65) << "test top-1 after 200 steps";
   EXPECT_EQ(r.test.samples, 1000);
@@ -224,8 +224,8 @@ TEST(Training, TrainsAFewStepsOnATinyImageFolder) {
       "data.image_size=32", "data.random_crop_padding=0", "data.workers=2", "data.mean=[0.5, 0.5, 0.5]",
       "data.std=[0.25, 0.25, 0.25]", "model.in_channels=3", "model.num_classes=3", "train.batch_size=8",
       "train.eval_batch_size=4", "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false"});
-  keel::train::Trainer t(cfg);
-  keel::train::FitResult r = t.fit();
+  keel::run::Trainer t(cfg);
+  keel::run::FitResult r = t.fit();
   EXPECT_EQ(r.steps, 6);  // 24 images / batch 8 x 2 epochs
   EXPECT_EQ(r.test.samples, 6);
   EXPECT_TRUE(std::isfinite(r.train_loss));
@@ -249,8 +249,8 @@ TEST(Training, DeviceAugmentationWithSoftTargetsAndLoaderRateInTheMetrics) {
       "model.in_channels=3", "model.num_classes=10", "train.batch_size=16", "train.eval_batch_size=16",
       "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false", "augment.random_resized_crop=true",
       "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "train.label_smoothing=0.1"});
-  keel::train::Trainer t(cfg);
-  keel::train::FitResult r = t.fit();
+  keel::run::Trainer t(cfg);
+  keel::run::FitResult r = t.fit();
   EXPECT_EQ(r.steps, 8);  // 64 samples / batch 16 x 2 epochs
   EXPECT_TRUE(std::isfinite(r.train_loss));
   EXPECT_GE(r.train_top1, 0.0);
@@ -280,8 +280,8 @@ TEST(EarlyStop, StopsAtTheRightEpochAndRestoresTheBestEpochsWeightsBitForBit) {
       "train.epochs=8", "train.log_every=1", "early_stop.enabled=true", "early_stop.monitor=\"test_loss\"",
       "early_stop.patience=2", "early_stop.min_delta=100.0", "early_stop.restore_best=true",
       "checkpoint.every_steps=4", "checkpoint.keep_last=10"});
-  keel::train::Trainer t(cfg);
-  keel::train::FitResult r = t.fit();
+  keel::run::Trainer t(cfg);
+  keel::run::FitResult r = t.fit();
   EXPECT_TRUE(r.early_stopped);
   EXPECT_EQ(r.epochs, 3) << "stopped after patience (2) epochs without improvement";
   EXPECT_EQ(r.steps, 12);
@@ -315,19 +315,17 @@ TEST(EarlyStop, StopsAtTheRightEpochAndRestoresTheBestEpochsWeightsBitForBit) {
   EXPECT_TRUE(differs_from_last) << "epochs 2-3 trained: the last epoch's weights are not the best's";
 }
 
-TEST(Training, EachPieceOfAdviceIsPrintedOnce) {
-  // Every epoch end and the run's end diagnose the bottleneck; the same advice (its text with the figures
-  // masked) must reach the console once, not once per epoch plus once more in the final summary.
-  const std::string dir = tmp_dir("advice-once");
-  keel::config::Config cfg = keel::config::parse("", "test", {
-      "run.dir=\"" + dir + "\"", "run.name=adv", "data.dataset=synthetic", "data.image_size=16",
+namespace {
+// --set overrides of a two-epoch run of 4 steps each on 64 synthetic 16x16 RGB images, no final checkpoint.
+std::vector<std::string> tiny_synthetic_run(const std::string& dir, const std::string& name) {
+  return {"run.dir=\"" + dir + "\"", "run.name=" + name, "data.dataset=synthetic", "data.image_size=16",
       "data.synthetic_samples=64", "data.workers=1", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
       "model.in_channels=3", "model.num_classes=10", "train.batch_size=16", "train.eval_batch_size=16",
-      "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false"});
-  keel::train::Trainer t(cfg);
-  testing::internal::CaptureStdout();
-  keel::train::FitResult r = t.fit();
-  const std::string out = testing::internal::GetCapturedStdout();
+      "train.epochs=2", "train.log_every=1", "checkpoint.save_final=false"};
+}
+
+// The console's advice lines, their figures masked (#), with how often each was printed.
+std::map<std::string, int> advice_lines(const std::string& out) {
   std::map<std::string, int> seen;
   std::istringstream lines(out);
   std::string line;
@@ -338,7 +336,44 @@ TEST(Training, EachPieceOfAdviceIsPrintedOnce) {
     for (auto& ch : masked) if (std::isdigit(static_cast<unsigned char>(ch))) ch = '#';
     ++seen[masked];
   }
+  return seen;
+}
+}  // namespace
+
+TEST(Training, EachPieceOfAdviceIsPrintedOnce) {
+  // Every epoch end and the run's end diagnose the bottleneck; the same advice (its text with the figures
+  // masked) must reach the console once, not once per epoch plus once more in the final summary.
+  const std::string dir = tmp_dir("advice-once");
+  keel::run::Trainer t(keel::config::parse("", "test", tiny_synthetic_run(dir, "adv")));
+  testing::internal::CaptureStdout();
+  keel::run::FitResult r = t.fit();
+  const std::map<std::string, int> seen = advice_lines(testing::internal::GetCapturedStdout());
   if (seen.empty()) GTEST_SKIP() << "no bottleneck advice fired on this machine; nothing to count";
   for (const auto& [text, n] : seen) EXPECT_EQ(n, 1) << text;
   EXPECT_FALSE(r.advice.empty()) << "the run's advice is still in the summary (FitResult / metrics)";
+}
+
+// The advice printed once per run holds across a resume: the rules already printed ride in the checkpoint
+// (state.json "advised"), so the resumed run does not print them again.
+TEST(Training, AdvicePrintedBeforeAResumeIsNotPrintedAgain) {
+  const std::string dir = tmp_dir("advice-resume");
+  std::vector<std::string> sets = tiny_synthetic_run(dir, "adv");
+  sets.push_back("checkpoint.every_steps=4");
+  std::vector<std::string> first_sets = sets;
+  first_sets.push_back("debug.stop_after_steps=5");  // after epoch 1's end (step 4) and its checkpoint
+  keel::run::Trainer first(keel::config::parse("", "test", first_sets));
+  testing::internal::CaptureStdout();
+  first.fit();
+  const std::map<std::string, int> before = advice_lines(testing::internal::GetCapturedStdout());
+  const nlohmann::json state =
+      nlohmann::json::parse(std::ifstream(dir + "/adv/checkpoints/" + keel::checkpoint::dir_name_for_step(4) + "/state.json"));
+  ASSERT_TRUE(state.contains("advised")) << state.dump();
+  EXPECT_EQ(state.at("advised").size(), before.size()) << "one rule per piece of advice printed";
+  if (before.empty()) GTEST_SKIP() << "no bottleneck advice fired in epoch 1 on this machine; nothing to repeat";
+  keel::run::Trainer second(keel::config::parse("", "test", sets));
+  testing::internal::CaptureStdout();
+  second.fit("auto");
+  for (const auto& [text, n] : advice_lines(testing::internal::GetCapturedStdout())) {
+    EXPECT_EQ(before.count(text), 0u) << "printed before the resume and again after it: " << text;
+  }
 }

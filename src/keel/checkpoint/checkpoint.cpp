@@ -1,5 +1,7 @@
 // Checkpoint store: atomic checksummed checkpoint directories, verification, lookup, pruning,
 // compatibility checks, and optimizer / param-group / RNG state serialisation.
+// One file, past 600 lines: every format piece (atomic directory writes, manifest, optimizer and RNG state)
+// shares the same file-descriptor, fsync and error-naming helpers, which stay private to it.
 #include "keel/checkpoint/checkpoint.h"
 
 #include <fcntl.h>

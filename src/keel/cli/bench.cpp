@@ -22,7 +22,7 @@
 #include "keel/models/registry.h"
 #include "keel/train/optimizer.h"
 #include "keel/train/step.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace keel::cli {
 namespace {
@@ -50,7 +50,7 @@ double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_b
   const at::Device dev = device::resolve(a.device);
   auto model = models::create({a.model, a.channels, a.classes});
   model->to(dev);
-  if (a.channels_last) train::model_to_channels_last(*model);
+  if (a.channels_last) run::model_to_channels_last(*model);
   at::Tensor x = at::randn({a.batch, a.channels, a.size, a.size}, at::TensorOptions().device(dev));
   if (a.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
   model->train();
@@ -58,7 +58,7 @@ double measure(const BenchArgs& a, const std::string& precision, int64_t* peak_b
   oo.lr = 0.01;
   auto opt = train::make_optimizer(*model, oo);
   train::StepOptions so;
-  so.precision = precision;
+  so.precision = train::parse_precision(precision);
   so.channels_last = a.channels_last;
   so.guard.snapshot_every = 1 << 30;  // measure the step itself, not snapshots
   train::StepRunner runner(*model, *opt, so, [](int64_t) { return 0.01; });
@@ -153,10 +153,10 @@ Runner add_bench(CLI::App& app) {
     if (infer->parsed()) return infer_runner();
     if (dcmd->parsed()) {
       const config::Config cfg = config::load(d->config, d->sets);
-      const int threads = train::configure_threads(cfg.run.threads);
-      auto ds = train::make_dataset(cfg, true);
-      data::Loader loader(ds, train::loader_options(cfg, true));
-      data::DeviceAugment aug(train::augment_options(cfg), static_cast<uint64_t>(cfg.run.seed) + 1);
+      const int threads = run::configure_threads(cfg.run.threads);
+      auto ds = run::make_dataset(cfg, true);
+      data::Loader loader(ds, run::loader_options(cfg, true));
+      data::DeviceAugment aug(run::augment_options(cfg), static_cast<uint64_t>(cfg.run.seed) + 1);
       device::Uploader upload(device::resolve(cfg.run.device));
       std::vector<double> ips, loader_ips;
       int64_t images = 0;
@@ -186,7 +186,7 @@ Runner add_bench(CLI::App& app) {
       }
       return 0;
     }
-    const int threads = train::configure_threads(a->threads);
+    const int threads = run::configure_threads(a->threads);
     memory::install_cpu_allocator();
     const auto precisions = split(a->precisions);
     std::map<std::string, std::vector<double>> ips;

@@ -24,8 +24,8 @@
 #include "keel/models/registry.h"
 #include "keel/models/state_dict.h"
 #include "keel/models/vit.h"
-#include "keel/train/model_spec.h"
-#include "keel/train/trainer.h"
+#include "keel/run/model_spec.h"
+#include "keel/run/trainer.h"
 
 namespace keel::cli {
 namespace {
@@ -107,7 +107,7 @@ Plan resolve(const InferArgs& a) {
   }
   if (!a.checkpoint.empty()) p.run_dir = run_dir_of(a.checkpoint);
   if (cfg) {
-    p.spec = train::model_spec(*cfg);
+    p.spec = run::model_spec(*cfg);
     p.spec.checkpoint_stages = false;  // a training-time memory setting
     p.device = cfg->run.device;
     p.threads = cfg->run.threads;
@@ -182,7 +182,7 @@ Runner add_bench_infer(CLI::App* bench) {
   return [a, sub]() -> int {
     (void)sub;
     const Plan plan = resolve(*a);
-    const int threads = train::configure_threads(plan.threads);
+    const int threads = run::configure_threads(plan.threads);
     memory::install_cpu_allocator();
     const at::Device dev = device::resolve(plan.device);
     std::vector<int64_t> batches;

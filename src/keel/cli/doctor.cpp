@@ -17,7 +17,7 @@
 #include "keel/compat/torch_compat.h"
 #include "keel/config/config.h"
 #include "keel/monitor/device_peak.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace keel::cli {
 namespace {
@@ -45,7 +45,7 @@ std::string loaded_blas() {
 nlohmann::json doctor_report(const config::Config& cfg) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int default_threads = at::get_num_threads();
-  const int threads = train::configure_threads(cfg.run.threads);
+  const int threads = run::configure_threads(cfg.run.threads);
   nlohmann::json r;
   std::vector<std::string> advice, lines;
   auto line = [&](const std::string& label, const std::string& text) {
@@ -102,8 +102,8 @@ nlohmann::json doctor_report(const config::Config& cfg) {
   std::string data_status;
   bool data_ok = false;
   try {
-    auto ds = train::make_dataset(cfg, true);
-    auto ts = train::make_dataset(cfg, false);
+    auto ds = run::make_dataset(cfg, true);
+    auto ts = run::make_dataset(cfg, false);
     data_ok = true;
     data_status = fmt::format("{} at {}: {} train / {} test images", cfg.data.dataset, cfg.data.root, ds->size(),
                               ts->size());

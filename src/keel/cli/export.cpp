@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "keel/checkpoint/checkpoint.h"
-#include "keel/train/model_spec.h"
+#include "keel/run/model_spec.h"
 #include "keel/cli/commands.h"
 #include "keel/config/config.h"
 #include "keel/models/registry.h"
@@ -122,7 +122,7 @@ Runner add_export(CLI::App& app) {
   return [a] {
     Source s = choose(*a);
     // The weights must fit the model their config names, strictly, before anything is written.
-    auto model = models::create(train::model_spec(s.cfg));
+    auto model = models::create(run::model_spec(s.cfg));
     try {
       models::load_state_dict(*model, s.weights);
     } catch (const std::exception& e) {

@@ -9,7 +9,7 @@
 #include "keel/device/device.h"
 #include "keel/memory/budget.h"
 #include "keel/memory/cpu_allocator.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 
 namespace keel::cli {
 
@@ -28,21 +28,21 @@ Runner add_plan_batch(CLI::App& app) {
   sub->add_flag("--json", a->json, "also print the plan as one JSON object on the last line");
   return [a] {
     const config::Config cfg = config::load(a->config, a->sets);
-    const int threads = train::configure_threads(cfg.run.threads);
+    const int threads = run::configure_threads(cfg.run.threads);
     memory::install_cpu_allocator();
     memory::set_cpu_budget(std::nullopt);
-    const data::ImageShape shape = train::make_dataset(cfg, true)->shape();
-    models::NetPtr model = train::make_model(cfg);
-    if (cfg.train.channels_last) train::model_to_channels_last(*model);
-    auto opt = train::make_optimizer(*model, train::optimizer_options(cfg));
+    const data::ImageShape shape = run::make_dataset(cfg, true)->shape();
+    models::NetPtr model = run::make_model(cfg);
+    if (cfg.train.channels_last) run::model_to_channels_last(*model);
+    auto opt = train::make_optimizer(*model, run::optimizer_options(cfg));
     const at::Device dev = device::of(*model);
     fmt::print("keel: planning {} at {}x{}x{}, batch {} (eval {}), precision {}, on {} ({} threads); budget {}{}\n",
                cfg.model.name, shape.channels, shape.height, shape.width, cfg.train.batch_size,
                cfg.train.eval_batch_size, cfg.train.precision, dev.str(), threads,
-               memory::format_bytes(train::run_budget(cfg, dev)),
+               memory::format_bytes(run::run_budget(cfg, dev)),
                cfg.memory.budget.empty() ? " (all of the device: memory.budget is empty)" : "");
     std::fflush(stdout);
-    const train::PlanResult plan = train::plan_for_config(cfg, *model, *opt, shape);
+    const train::PlanResult plan = run::plan_for_config(cfg, *model, *opt, shape);
     fmt::print("{}", plan.summary());
     fmt::print("keel: set train.micro_batch = {} (or \"auto\" to plan at start-up)\n", plan.micro_batch);
     if (a->json) std::cout << plan.to_json().dump() << std::endl;

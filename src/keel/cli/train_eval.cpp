@@ -11,7 +11,7 @@
 #include "keel/dist/launch.h"
 #include "keel/models/state_dict.h"
 #include "keel/monitor/profiler.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 #include "keel/util/interrupt.h"
 
 namespace keel::cli {
@@ -55,7 +55,7 @@ Runner add_train(CLI::App& app) {
     if (*nproc > 1) {
       // The checks every rank makes, before starting any: one clear error instead of N.
       try {
-        train::check_data_parallel(cfg, *nproc);
+        run::check_data_parallel(cfg, *nproc);
       } catch (const config::ConfigError& e) {
         throw config::ConfigError(fmt::format("--nproc {}: {}", *nproc, e.what()));
       }
@@ -86,10 +86,10 @@ Runner add_train(CLI::App& app) {
         throw config::ConfigError(e.what());
       }
     }
-    train::Trainer trainer(cfg);
+    run::Trainer trainer(cfg);
     trainer.set_profile_steps(range);
     util::InterruptGuard ctrl_c;  // first Ctrl-C: stop after the step with a checkpoint; second: exit now
-    train::FitResult r = trainer.fit(*resume);
+    run::FitResult r = trainer.fit(*resume);
     if (r.interrupted) {
       if (args->json) std::cout << r.to_json().dump() << std::endl;
       if (util::stop_requested()) {
@@ -119,14 +119,15 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--checkpoint", *checkpoint, "weights file (runs/<name>/checkpoints/final.pt)")->required();
   return [args, checkpoint] {
     config::Config cfg = config::load(args->config, args->sets);
-    const int threads = train::configure_threads(cfg.run.threads);
-    auto ds = train::make_dataset(cfg, false);
+    const int threads = run::configure_threads(cfg.run.threads);
+    auto ds = run::make_dataset(cfg, false);
     cfg.model.weights = *checkpoint;
-    auto model = train::make_model(cfg);
-    if (cfg.train.channels_last) train::model_to_channels_last(*model);
-    data::Loader loader(ds, train::loader_options(cfg, false));
-    data::DeviceAugment aug(train::augment_options(cfg), 0);
-    train::EvalResult r = train::evaluate(*model, loader, aug, cfg.train.channels_last, cfg.train.precision);
+    auto model = run::make_model(cfg);
+    if (cfg.train.channels_last) run::model_to_channels_last(*model);
+    data::Loader loader(ds, run::loader_options(cfg, false));
+    data::DeviceAugment aug(run::augment_options(cfg), 0);
+    train::EvalResult r = train::evaluate(*model, loader, aug, cfg.train.channels_last,
+                                              train::parse_precision(cfg.train.precision));
     fmt::print("keel: {} on {} test images ({} threads): top-1 {:.2f}%, top-5 {:.2f}%, loss {:.4f}, {:.1f}s\n",
                cfg.model.name, r.samples, threads, 100 * r.top1, 100 * r.top5, r.loss, r.seconds);
     if (args->json) {

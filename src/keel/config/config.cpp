@@ -1,4 +1,6 @@
 // Config schema (the one place every key is declared), TOML parsing, overrides, validation, output.
+// One file, past 600 lines, on purpose: the schema is the one place every key is declared, checked and
+// documented (docs/configuration.md is generated from it).
 #include "keel/config/config.h"
 
 #include <algorithm>

@@ -28,7 +28,7 @@ struct LoaderOptions {
   TORCH_ARG(SamplerOptions, sampler) = {};  // seed and shuffle of the epoch order
   TORCH_ARG(int64_t, rank) = 0;          // this process's shard, 0 <= rank < world_size
   TORCH_ARG(int64_t, world_size) = 1;    // number of shards (data-parallel processes)
-  TORCH_ARG(OnError, on_error) = OnError::kFail;  // unreadable samples: fail, or skip and replace
+  TORCH_ARG(OnError, on_error) = OnError::kSkip;  // unreadable samples: skip and replace, or fail
   // Batch buffers in page-locked (pinned) host memory, so a CUDA upload copies straight from them
   // (device::Uploader skips its staging copy). Only for a CUDA training device: a CPU-only LibTorch
   // or a machine without a GPU cannot pin, and a CPU device gains nothing.

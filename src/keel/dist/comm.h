@@ -27,7 +27,7 @@ struct CommOptions {
   std::string store = "tcp";      // tcp (MASTER_ADDR:MASTER_PORT, rank 0 serves) | file (store_path)
   std::string store_path;         // file store: a path every rank can reach, fresh for each job
   std::string interface;          // Gloo: network interface (e.g. "eth0"); "" = this host's address
-  double timeout_seconds = 60;    // every wait: rendezvous, each collective, the store
+  double timeout_seconds = 120;   // every wait: rendezvous, each collective, the store
   std::string config_text;        // the resolved config; ranks must agree on it
   at::Device device = at::kCPU;   // where tensors live (NCCL: this rank's GPU)
 };

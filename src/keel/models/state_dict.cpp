@@ -1,6 +1,8 @@
 // State dict I/O: a strict unpickler for torch.save() state-dict files (LibTorch 1.13's
 // pickle_load aborts on their collections.OrderedDict), a writer on torch::jit::pickle_save,
 // and name-based transfer between state dicts and modules.
+// One file, past 600 lines: the unpickler is one state machine over the pickle opcodes, and the writer and
+// the name-based transfer share its tensor and storage bookkeeping.
 #include "keel/models/state_dict.h"
 #include "keel/models/net.h"
 

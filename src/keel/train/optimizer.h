@@ -10,7 +10,7 @@ namespace keel::train {
 
 struct OptimizerOptions {
   std::string name = "sgd";  // sgd | adamw
-  double lr = 0.1;
+  double lr = 0.2;
   double momentum = 0.9;
   bool nesterov = true;
   double weight_decay = 5e-4;

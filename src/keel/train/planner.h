@@ -19,7 +19,7 @@ struct PlanOptions {
   int64_t eval_batch_size = 0;  // 0 = do not plan evaluation
   int64_t channels = 3, height = 224, width = 224;  // input images (the largest the run feeds)
   int64_t num_classes = 10;
-  std::string precision = "fp32";
+  Precision precision = Precision::kFp32;
   bool channels_last = false;
   int64_t budget = 0;           // bytes the run may use on the model's device
   double margin = 0.1;          // a trial must fit in (1 - margin) x budget - reserve

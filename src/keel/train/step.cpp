@@ -11,18 +11,19 @@
 #include "keel/device/device.h"
 #include "keel/memory/oom.h"
 #include "keel/train/ema.h"
+#include "keel/train/oom_replay.h"
 #include "keel/train/optimizer.h"
 
 namespace keel::train {
 
-at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision) {
+at::Tensor forward_logits(models::Net& model, const at::Tensor& x, Precision precision) {
   // x: (N, C, H, W) float -> logits (N, K) float. Autocast on the device x lives on: bf16 on CPU
   // and CUDA, fp16 on CUDA only (CPU autocast has no fp16 policy).
-  if (precision == "fp32") return model.forward(x);
-  TORCH_CHECK(precision == "bf16" || precision == "fp16", "unknown precision \"", precision, "\"");
-  TORCH_CHECK(precision == "bf16" || x.is_cuda(),
+  if (precision == Precision::kFp32) return model.forward(x);
+  TORCH_CHECK(precision == Precision::kBf16 || x.is_cuda(),
               "train.precision = \"fp16\" needs a CUDA device (CPU autocast supports bf16 only)");
-  compat::AutocastGuard autocast(x.device().type(), true, precision == "bf16" ? at::kBFloat16 : at::kHalf);
+  compat::AutocastGuard autocast(x.device().type(), true,
+                                 precision == Precision::kBf16 ? at::kBFloat16 : at::kHalf);
   return model.forward(x).to(at::kFloat);
 }
 
@@ -52,7 +53,7 @@ void StepRunner::forward_backward(const at::Tensor& x, const at::Tensor& y, bool
                                   models::Watcher* watcher, at::Tensor& loss_sum, at::Tensor& correct,
                                   StepSync* sync) {
   const int64_t n = x.size(0);
-  const int64_t mb = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
+  const int64_t mb = micro_batch_in_force(o_.micro_batch, n);
   models::WatchScope scope(watcher);
   for (int64_t start = 0; start < n; start += mb) {
     const int64_t len = std::min(mb, n - start);
@@ -226,19 +227,10 @@ void StepRunner::restore_snapshot() {
   loss_ema_ = snapshot_->loss_ema;
 }
 
-StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
-  if (!snapshot_ && o_.guard.enabled) take_snapshot();  // the state before the first step
-  StepResult r;
-  r.samples = x.size(0);
-  r.lr = lr_at_(steps_) * lr_scale_;
-  set_lr(opt_, r.lr, o_.group_lr_factors);
-  const int64_t attempt = ++attempts_;
-  const bool inject = o_.inject.active_at(attempt);
-
-  // 1. forward/backward over micro-batches, loss scaled. Buffers (BatchNorm statistics) are
-  // copied first: a non-finite forward would otherwise poison them even though the step is skipped.
-  // Copied into storage allocated once (no allocation on the hot path).
-  auto buffers = model_.buffers();
+void StepRunner::backup_buffers() {
+  // Buffers (BatchNorm statistics) are copied before the forward: a non-finite forward would otherwise poison
+  // them even though the step is skipped. Copied into storage allocated once (no allocation on the hot path).
+  const auto buffers = model_.buffers();
   if (buffer_backup_.size() != buffers.size()) {
     buffer_backup_.clear();
     for (auto& b : buffers) buffer_backup_.push_back(at::empty_like(b));
@@ -247,6 +239,10 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
     torch::NoGradGuard ng;
     for (size_t i = 0; i < buffers.size(); ++i) buffer_backup_[i].copy_(buffers[i]);
   }
+}
+
+void StepRunner::forward_backward_replayed(const at::Tensor& x, const at::Tensor& y, bool inject, StepResult& r) {
+  const auto buffers = model_.buffers();
   opt_.zero_grad();
   r.loss = at::zeros({}, x.options().dtype(at::kDouble));
   r.correct = at::zeros({}, x.options().dtype(at::kLong));
@@ -269,8 +265,7 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
                        sync_);
     } catch (const std::exception& e) {
       if (!o_.oom_recovery || !memory::is_out_of_memory(e)) throw;
-      oom_message = e.what();
-      oom_message = oom_message.substr(0, oom_message.find('\n'));
+      oom_message = oom_summary(e);
       if (sync_ && !sync_->can_replay()) {
         // The other ranks are inside synchronised BatchNorm collectives this rank will never issue: stop
         // (they report this rank as gone) rather than feed them mismatched collectives.
@@ -310,19 +305,17 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
       torch::NoGradGuard ng;
       for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(buffer_backup_[i]);
     }
-    device::empty_cache(device_);
     r.loss.zero_();
     r.correct.zero_();
     const int64_t n = x.size(0);
-    const int64_t current = o_.micro_batch > 0 ? std::min(o_.micro_batch, n) : n;
-    if (current <= 1) {
+    const int64_t current = micro_batch_in_force(o_.micro_batch, n);
+    o_.micro_batch = replay_micro_batch(device_, current, [&] {
       const auto st = device::memory_stats(device_);
-      throw std::runtime_error(fmt::format(
+      return std::runtime_error(fmt::format(
           "out of memory at micro-batch 1 (step {}): {}. Tried micro-batches down from {}; peak memory {} "
           "bytes{}. Lower the image size or model, raise memory.budget, or use train.precision = \"bf16\".",
           steps_ + 1, oom_message, n, st.peak, st.budget >= 0 ? fmt::format(", budget {} bytes", st.budget) : ""));
-    }
-    o_.micro_batch = current / 2;
+    });
     ++oom_recoveries_;
     const std::string note = fmt::format(
         "out of memory at step {} with micro-batch {} ({}); replaying the same {} samples with micro-batch {} "
@@ -343,6 +336,66 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   if (inject && o_.inject.where == "grad" && !params_.empty() && params_[0].grad().defined()) {
     params_[0].grad().fill_(std::numeric_limits<float>::quiet_NaN());
   }
+}
+
+void StepRunner::guard_skip(const at::Tensor& x, const at::Tensor& y, int64_t attempt, bool spike, bool loss_finite,
+                            double loss_value, StepResult& r) {
+  ++consecutive_skips_;
+  ++skipped_total_;
+  if (!o_.guard.enabled) {
+    throw TrainingDiverged(fmt::format("non-finite loss or gradient at step {} and guard.enabled = false", steps_ + 1));
+  }
+  std::string message;
+  if (spike) {
+    message = fmt::format("step {} (attempt {}) skipped: loss spike {:.4g} > {} x running mean {:.4g}; started at: {}",
+                          steps_ + 1, attempt, loss_value, o_.guard.spike_factor, loss_ema_,
+                          o_.guard.locate ? locate_spike(x) : "not located (guard.locate = false)");
+  } else {
+    const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
+    message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
+                          attempt, loss_finite ? "gradient" : "loss", where,
+                          scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
+  }
+  events_.push_back(message);
+  r.guard.push_back({"skip", std::move(message)});
+  if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
+    ++rollbacks_;
+    if (rollbacks_ > o_.guard.max_rollbacks) {
+      std::string report = fmt::format(
+          "training diverged: {} rollbacks did not help (guard.max_rollbacks = {}); learning rate already "
+          "scaled by {:.3g}. Guard log:\n",
+          rollbacks_ - 1, o_.guard.max_rollbacks, lr_scale_);
+      for (const auto& e : events_) report += "  " + e + "\n";
+      report += "Try a lower optim.lr, gradient clipping (train.grad_clip_norm), or a longer warm-up.";
+      throw TrainingDiverged(report);
+    }
+    const int64_t undone_from = steps_;
+    restore_snapshot();
+    lr_scale_ *= o_.guard.lr_factor;
+    consecutive_skips_ = 0;
+    std::string rollback = fmt::format(
+        "rollback {} at step {}: {} consecutive skips; restored the state of step {} (steps {}..{} undone), "
+        "learning rate x{:.3g} (now x{:.3g}){}",
+        rollbacks_, undone_from + 1, o_.guard.max_consecutive_skips, steps_, steps_ + 1, undone_from,
+        o_.guard.lr_factor, lr_scale_,
+        scaler_.enabled() ? fmt::format("; loss scale kept at {}", scaler_.scale_value()) : "");
+    events_.push_back(rollback);
+    r.guard.push_back({"rollback", std::move(rollback)});
+  }
+}
+
+StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
+  if (!snapshot_ && o_.guard.enabled) take_snapshot();  // the state before the first step
+  StepResult r;
+  r.samples = x.size(0);
+  r.lr = lr_at_(steps_) * lr_scale_;
+  set_lr(opt_, r.lr, o_.group_lr_factors);
+  const int64_t attempt = ++attempts_;
+  const bool inject = o_.inject.active_at(attempt);
+
+  // 1. forward/backward over micro-batches, loss scaled (BatchNorm statistics backed up first).
+  backup_buffers();
+  forward_backward_replayed(x, y, inject, r);
 
   // 2. unscale, 3. non-finite check (gradients and loss), 4. clip
   std::vector<at::Tensor> grads;
@@ -401,51 +454,9 @@ StepResult StepRunner::run(const at::Tensor& x, const at::Tensor& y) {
   }
   consecutive_overflows_ = 0;
   if (nonfinite || spike) {
-    ++consecutive_skips_;
-    ++skipped_total_;
-    if (!o_.guard.enabled) {
-      throw TrainingDiverged(fmt::format("non-finite loss or gradient at step {} and guard.enabled = false", steps_ + 1));
-    }
-    std::string message;
-    if (spike) {
-      message = fmt::format("step {} (attempt {}) skipped: loss spike {:.4g} > {} x running mean {:.4g}; started at: {}",
-                            steps_ + 1, attempt, loss_value, o_.guard.spike_factor, loss_ema_,
-                            o_.guard.locate ? locate_spike(x) : "not located (guard.locate = false)");
-    } else {
-      const std::string where = o_.guard.locate ? locate(x, y) : "not located (guard.locate = false)";
-      message = fmt::format("step {} (attempt {}) skipped: non-finite {}; first non-finite: {}{}", steps_ + 1,
-                            attempt, loss_finite ? "gradient" : "loss", where,
-                            scaler_.enabled() ? fmt::format("; loss scale now {}", scaler_.scale_value()) : "");
-    }
-    events_.push_back(message);
-    r.guard.push_back({"skip", std::move(message)});
-    if (consecutive_skips_ >= o_.guard.max_consecutive_skips) {
-      ++rollbacks_;
-      if (rollbacks_ > o_.guard.max_rollbacks) {
-        std::string report = fmt::format(
-            "training diverged: {} rollbacks did not help (guard.max_rollbacks = {}); learning rate already "
-            "scaled by {:.3g}. Guard log:\n",
-            rollbacks_ - 1, o_.guard.max_rollbacks, lr_scale_);
-        for (const auto& e : events_) report += "  " + e + "\n";
-        report += "Try a lower optim.lr, gradient clipping (train.grad_clip_norm), or a longer warm-up.";
-        throw TrainingDiverged(report);
-      }
-      const int64_t undone_from = steps_;
-      restore_snapshot();
-      lr_scale_ *= o_.guard.lr_factor;
-      consecutive_skips_ = 0;
-      std::string rollback = fmt::format(
-          "rollback {} at step {}: {} consecutive skips; restored the state of step {} (steps {}..{} undone), "
-          "learning rate x{:.3g} (now x{:.3g}){}",
-          rollbacks_, undone_from + 1, o_.guard.max_consecutive_skips, steps_, steps_ + 1, undone_from,
-          o_.guard.lr_factor, lr_scale_,
-          scaler_.enabled() ? fmt::format("; loss scale kept at {}", scaler_.scale_value()) : "");
-      events_.push_back(rollback);
-      r.guard.push_back({"rollback", std::move(rollback)});
-    }
+    guard_skip(x, y, attempt, spike, loss_finite, loss_value, r);
     return r;
   }
-
   // 7. counter (the schedule reads it), 8. EMA
   r.applied = true;
   consecutive_skips_ = 0;

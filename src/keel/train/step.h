@@ -18,6 +18,7 @@
 #include "keel/monitor/step_timer.h"
 #include "keel/train/locator.h"
 #include "keel/train/loss_scaler.h"
+#include "keel/train/precision.h"
 #include "keel/dist/sync.h"
 
 namespace keel::train {
@@ -34,12 +35,12 @@ struct GuardOptions {
   int64_t snapshot_every = 50;        // applied steps between in-memory snapshots
   bool locate = true;                 // on a skip, re-run the batch instrumented to name the module
                                       // (for a loss spike: the first module whose output grew most)
-  double spike_factor = 0.0;          // also skip a finite loss above this x its running mean (0 = off)
+  double spike_factor = 10.0;         // also skip a finite loss above this x its running mean (0 = off)
   int64_t spike_warmup = 20;          // applied steps before the spike check starts
 };
 
 struct StepOptions {
-  std::string precision = "fp32";  // fp32 | bf16 | fp16
+  Precision precision = Precision::kFp32;
   bool channels_last = false;
   int64_t micro_batch = 0;         // samples per forward/backward; 0 = the whole batch
   bool oom_recovery = true;        // on out-of-memory: halve the micro-batch and replay the batch
@@ -94,11 +95,9 @@ class StepRunner {
   StepResult run(const at::Tensor& x, const at::Tensor& y);
 
   int64_t steps() const { return steps_; }          // applied steps so far
-  int64_t attempts() const { return attempts_; }    // run() calls so far (applied + skipped)
   int64_t skipped() const { return skipped_total_; }  // guard skips (loss-scale overflows not counted)
   int64_t overflows() const { return overflows_; }    // steps the loss scaler skipped (gradient overflow)
   int64_t rollbacks() const { return rollbacks_; }
-  double lr_scale() const { return lr_scale_; }      // product of rollback factors
   int64_t micro_batch() const { return o_.micro_batch; }  // resolved (shrinks after an OOM); 0 = whole batch
   void set_micro_batch(int64_t m) { o_.micro_batch = m; }  // 0 = whole batch (the planner's trials)
   // Data-parallel training (null = one process): gradients are reduced over ranks after the last
@@ -127,6 +126,16 @@ class StepRunner {
     int64_t healthy_steps = 0;
     double loss_ema = 0;
   };
+  // The step's phases, in the order run() calls them:
+  // BatchNorm statistics into buffer_backup_ (what a skipped or replayed step puts back).
+  void backup_buffers();
+  // forward + backward over micro-batches with the out-of-memory replay (train/oom_replay.h) and, data-parallel,
+  // the step's agreement; leaves r.loss the batch's mean loss (global batch when data-parallel), r.correct, notes.
+  void forward_backward_replayed(const at::Tensor& x, const at::Tensor& y, bool inject, StepResult& r);
+  // A non-finite or spiking step the guard skips: its message (located), and a rollback after
+  // guard.max_consecutive_skips in a row, or the stop with the guard log after guard.max_rollbacks.
+  void guard_skip(const at::Tensor& x, const at::Tensor& y, int64_t attempt, bool spike, bool loss_finite,
+                  double loss_value, StepResult& r);
   // forward + backward over micro-batches; accumulates loss/correct.
   // sync: reduce the gradients over ranks after the last micro-batch (null: local gradients only).
   void forward_backward(const at::Tensor& x, const at::Tensor& y, bool inject_loss, models::Watcher* watcher,
@@ -177,6 +186,6 @@ void clip_gradients(const std::vector<at::Tensor>& grads, double clip_value, dou
                     const at::Tensor& norm = {});
 
 // Cross-entropy forward of `model` under the precision's autocast (bf16 on CPU); logits fp32.
-at::Tensor forward_logits(models::Net& model, const at::Tensor& x, const std::string& precision);
+at::Tensor forward_logits(models::Net& model, const at::Tensor& x, Precision precision);
 
 }  // namespace keel::train

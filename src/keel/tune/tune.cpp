@@ -19,7 +19,7 @@
 #include "keel/monitor/bottleneck.h"
 #include "keel/monitor/device_peak.h"
 #include "keel/monitor/step_timer.h"
-#include "keel/train/trainer.h"
+#include "keel/run/trainer.h"
 #include "keel/util/fs.h"
 
 namespace keel::tune {
@@ -340,7 +340,7 @@ Trial run_trial(const std::string& config_path, const std::vector<std::string>& 
   util::make_dirs(dir);
   try {
     StdoutToFile quiet(dir + "/" + name + ".log");
-    train::Trainer trainer(cfg);
+    run::Trainer trainer(cfg);
     trainer.fit();
   } catch (const std::exception& e) {
     t.error = e.what();
@@ -388,7 +388,7 @@ Trial run_trial(const std::string& config_path, const std::vector<std::string>& 
   if (last.contains("utilisation")) m.utilisation = last.at("utilisation").get<double>();
   m.peak_memory_bytes = t.peak_memory_bytes;
   const at::Device dev = device::resolve(cfg.run.device);
-  if (!cfg.memory.budget.empty()) m.memory_budget_bytes = train::run_budget(cfg, dev);
+  if (!cfg.memory.budget.empty()) m.memory_budget_bytes = run::run_budget(cfg, dev);
   m.precision = s.precision;
   m.cpu_supports_bf16 = monitor::cpu_supports_bf16();
   m.on_cuda = dev.is_cuda();

@@ -5,7 +5,7 @@
 #include "keel/config/config.h"
 #include "keel/models/registry.h"
 
-namespace keel::train {
+namespace keel::run {
 
 inline models::ModelSpec model_spec(const config::Config& cfg) {
   models::ModelSpec s;
@@ -19,4 +19,4 @@ inline models::ModelSpec model_spec(const config::Config& cfg) {
   return s;
 }
 
-}  // namespace keel::train
+}  // namespace keel::run
