@@ -24,6 +24,11 @@ namespace {
 
 double since(Fit::Clock::time_point t0) { return std::chrono::duration<double>(Fit::Clock::now() - t0).count(); }
 
+// The device's GEMM peak (GFLOP/s) in the step's compute dtype: the denominator of the utilisation figure.
+double measure_peak(const at::Device& dev, at::ScalarType dtype) {
+  return monitor::measure_gemm_gflops(dev.is_cuda() ? 4096 : 512, dtype, 5, dev);
+}
+
 // A detached copy of every parameter and buffer, by name (for restoring the best weights).
 models::StateDict clone_state(const models::Net& m) {
   models::StateDict sd = models::state_dict_of(m);
@@ -92,7 +97,7 @@ void Fit::prepare() {
   peak_dtype_ = precision == "fp16"                                                      ? at::kHalf
                 : precision == "bf16" && (dev.is_cuda() || monitor::cpu_supports_bf16()) ? at::kBFloat16
                                                                                          : at::kFloat;
-  peak_gflops_ = monitor::measure_gemm_gflops(dev.is_cuda() ? 4096 : 512, peak_dtype_, 5, dev);
+  peak_gflops_ = measure_peak(dev, peak_dtype_);
 }
 
 void Fit::announce() {
@@ -211,7 +216,7 @@ std::vector<monitor::Advice> Fit::advise(const monitor::StepStats& st) {
     if (*m.utilisation > 1.0) {
       // Above 100%: the start-up GEMM measurement ran in a loaded moment. Measure again and keep the higher.
       const double before = peak_gflops_;
-      peak_gflops_ = std::max(peak_gflops_, monitor::measure_gemm_gflops(dev.is_cuda() ? 4096 : 512, peak_dtype_, 5, dev));
+      peak_gflops_ = std::max(peak_gflops_, measure_peak(dev, peak_dtype_));
       m.utilisation = st.images_per_second() * flops_per_image_ / (peak_gflops_ * 1e9);
       log_->event({{"event", "peak_remeasured"}, {"gflops_before", before}, {"gflops", peak_gflops_}});
     }

@@ -1,7 +1,7 @@
 // RunState: the one list of what a checkpoint of a run holds. Each part is a name, what it writes into a
 // checkpoint and how it reads itself back; saving walks the list in one direction, resuming in the other
 // (the same parts, in the order they were added). Adding a checkpointed part is one add() call where the
-// run registers its parts (Fit::register_state in run/fit.cpp), next to the object that owns the state.
+// run registers its parts (Fit::register_state in run/fit_checkpoint.cpp), next to the object that owns the state.
 #pragma once
 #include <functional>
 #include <string>

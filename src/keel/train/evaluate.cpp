@@ -9,6 +9,7 @@
 
 #include "keel/device/device.h"
 #include "keel/memory/oom.h"
+#include "keel/train/layout.h"
 #include "keel/train/oom_replay.h"
 #include "keel/train/step.h"
 
@@ -16,10 +17,6 @@ namespace keel::train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-at::Tensor to_layout(at::Tensor x, bool channels_last) {
-  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-}
 
 }  // namespace
 

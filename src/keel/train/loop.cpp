@@ -5,16 +5,9 @@
 #include <vector>
 
 #include "keel/data/image_io.h"
+#include "keel/train/layout.h"
 
 namespace keel::train {
-namespace {
-
-at::Tensor to_layout(at::Tensor x, bool channels_last) {
-  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-}
-
-}  // namespace
-
 HostSums EpochSums::host() const { return {loss_sum.item<double>(), correct.item<int64_t>(), seen}; }
 
 EpochOutcome run_epoch(models::Net& model, StepRunner& runner, data::Loader& loader, data::DeviceAugment& aug,

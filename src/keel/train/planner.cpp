@@ -9,6 +9,7 @@
 #include "keel/device/device.h"
 #include "keel/memory/budget.h"
 #include "keel/memory/oom.h"
+#include "keel/train/layout.h"
 
 namespace keel::train {
 namespace {
@@ -58,7 +59,7 @@ PlanResult plan_batch(models::Net& model, StepRunner& runner, const PlanOptions&
   at::Tensor x, y;
   auto allocate = [&](int64_t n) {
     x = at::randn({n, o.channels, o.height, o.width}, on_dev);
-    if (o.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    x = to_layout(x, o.channels_last);
     y = at::randint(0, o.num_classes, {n}, on_dev.dtype(at::kLong));
   };
   try {
