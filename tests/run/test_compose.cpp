@@ -119,7 +119,6 @@ TEST(RunState, SavesAndLoadsEveryPartInOrder) {
   s.add(
       "extra", [](keel::checkpoint::CheckpointContents& c) { c.extra["x"] = {}; },
       [&](const keel::checkpoint::CheckpointContents& c) { order.push_back(c.extra.count("x") ? "extra" : "?"); });
-  EXPECT_EQ(s.names(), (std::vector<std::string>{"counter", "optional", "extra"}));
   keel::checkpoint::CheckpointContents c;
   s.save(c);
   EXPECT_EQ(c.state.at("counter"), 7);

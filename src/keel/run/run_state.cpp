@@ -37,10 +37,4 @@ void RunState::load(const checkpoint::CheckpointContents& c) const {
   for (const auto& p : parts_) p.load(c);
 }
 
-std::vector<std::string> RunState::names() const {
-  std::vector<std::string> n;
-  for (const auto& p : parts_) n.push_back(p.name);
-  return n;
-}
-
 }  // namespace keel::run

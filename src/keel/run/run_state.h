@@ -29,7 +29,6 @@ class RunState {
 
   void save(checkpoint::CheckpointContents& c) const;        // every part writes itself into c
   void load(const checkpoint::CheckpointContents& c) const;  // every part reads itself from c, in order
-  std::vector<std::string> names() const;
 
  private:
   struct Part {
